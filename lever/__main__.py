@@ -1,0 +1,3 @@
+from lever.cli import main
+
+main()

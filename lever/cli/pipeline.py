@@ -1,0 +1,3 @@
+"""CLI commands: pipeline (see the module that implements them)."""
+
+from lever.cli.app import app  # noqa: F401

@@ -1,0 +1,32 @@
+"""``lever plans`` and ``lever plan show``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from lever.cli.app import app, plan_app
+
+
+@app.command("plans")
+def plans_cmd() -> None:
+    """List every shipped plan with its one-line description."""
+    from lever.config import list_plans, load_plan
+
+    for name in list_plans():
+        cfg = load_plan(name)
+        mark = " (recommended)" if cfg.recommended else ""
+        typer.echo(f"{name:<10} {cfg.description}{mark}")
+
+
+@plan_app.command("show")
+def plan_show(
+    name: str = typer.Argument(..., help="plan name or path to a plan YAML"),
+    profile: Optional[str] = typer.Option(None, "--profile", "-p", help="tiny | cluster"),
+    set_: list[str] = typer.Option([], "--set", help="override, e.g. grpo.kl_beta=0.1"),
+) -> None:
+    """Print the fully resolved plan as YAML."""
+    from lever.config import load_plan, plan_to_yaml
+
+    typer.echo(plan_to_yaml(load_plan(name, profile, set_)), nl=False)

@@ -1,0 +1,303 @@
+"""Typed plan configuration.
+
+Every section forbids unknown keys so that a typo in a plan YAML fails loudly instead of being
+silently ignored (the seeds lost runs to misspelled environment variables).  Defaults here mirror
+the researchers' ``train_v3.sh``; the shipped ``defaults.yaml`` restates them explicitly so that a
+plan file reads as a diff against it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticSpec(Section):
+    """Size of the generated OKVQA-format dataset used by the tiny profile and the tests."""
+
+    n_train: int = Field(160, ge=4)
+    n_val: int = Field(48, ge=1)
+    image_size: int = Field(64, ge=16)
+    seed: int = 0
+
+
+class DataConfig(Section):
+    dataset: Literal["okvqa", "vqav2", "synthetic"] = "okvqa"
+    root: str = "data/okvqa"
+    train_questions: str = "OpenEnded_mscoco_train2014_questions.json"
+    train_annotations: str = "mscoco_train2014_annotations.json"
+    train_images: str = "train2014"
+    val_questions: str = "OpenEnded_mscoco_val2014_questions.json"
+    val_annotations: str = "mscoco_val2014_annotations.json"
+    val_images: str = "val2014"
+    max_train: Optional[int] = Field(None, ge=1, description="cap on the train split (first N in recorded order)")
+    max_val: Optional[int] = Field(None, ge=1)
+    synthetic: SyntheticSpec = SyntheticSpec()
+
+
+class EncoderConfig(Section):
+    kind: Literal["clip", "tiny_clip"] = "clip"
+    name: str = "openai/clip-vit-base-patch32"
+    hidden_size: int = Field(32, ge=4, description="tiny_clip only")
+    projection_dim: int = Field(32, ge=4, description="tiny_clip only")
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0
+
+
+class SamplerConfig(Section):
+    kind: Literal["random", "image_sim", "text_sim", "mix"] = "random"
+    pool_size: int = Field(64, ge=1, description="K: candidate pool per query")
+    mix_image_fraction: float = Field(0.5, ge=0.0, le=1.0, description="mix: share of the pool by image similarity")
+
+
+class LVLMConfig(Section):
+    kind: Literal["qwen2_5_vl", "tiny_qwen2_5_vl"] = "qwen2_5_vl"
+    name: str = "Qwen/Qwen2.5-VL-3B-Instruct"
+    short_name: str = "qwen2.5_vl_3B"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(5, ge=1)
+    min_pixels: int = 56 * 56
+    max_pixels: int = 448 * 448
+    fast: bool = Field(True, description="use the cached/batched scoring path (the plain path stays as reference)")
+    seed: int = 0
+
+
+class BeamConfig(Section):
+    beam_size: int = Field(5, ge=1, description="B")
+    shots: int = Field(2, ge=1, le=8, description="S: length of InfoScore beams")
+    num_queries: Optional[int] = Field(None, ge=1, description="train queries to build beams for (None: all)")
+    shards: int = Field(1, ge=1)
+
+
+class SourceCount(Section):
+    enabled: bool = True
+    count: int = Field(2, ge=0)
+
+
+class SampleSource(Section):
+    enabled: bool = True
+    temperatures: list[float] = [1.0, 1.3]
+    per_temperature: int = Field(2, ge=0)
+
+
+class RLSources(Section):
+    infoscore_beam: SourceCount = SourceCount(enabled=True, count=5)
+    v2_beam: SourceCount = SourceCount(enabled=True, count=5)
+    v2_sample: SampleSource = SampleSource()
+    retrieval: SourceCount = SourceCount(enabled=True, count=2)
+    random: SourceCount = SourceCount(enabled=True, count=2)
+
+
+class BalancedConfig(Section):
+    """The seeds' "balanced K=64" data: keep adding sequences until groups hold both outcomes."""
+
+    enabled: bool = False
+    target_mixed_fraction: float = Field(0.8, ge=0.0, le=1.0)
+    max_extra_per_query: int = Field(16, ge=0)
+
+
+class RLDataConfig(Section):
+    shots: int = Field(2, ge=1, le=8, description="length of RL candidate sequences")
+    num_queries: Optional[int] = Field(None, ge=1)
+    shards: int = Field(1, ge=1)
+    sources: RLSources = RLSources()
+    balanced: BalancedConfig = BalancedConfig()
+    variable_group_size: bool = Field(False, description="keep groups of whatever size the sources give (the seeds' k64 v3 data)")
+
+
+class SelectorConfig(Section):
+    arch: Literal["pointer"] = "pointer"
+    hidden: int = Field(256, ge=4)
+    layers: int = Field(1, ge=0)
+    heads: int = Field(1, ge=1)
+    temperature: float = Field(0.1, gt=0)
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+
+
+class V2TrainConfig(Section):
+    epochs: int = Field(10, ge=0)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(16, ge=1)
+    score_threshold: Optional[float] = Field(None, description="drop beams scoring below this InfoScore")
+    weight_decay: float = 1e-3
+
+
+class LeverLMConfig(Section):
+    enabled: bool = False
+    layers: int = 2
+    hidden: int = 128
+    heads: int = 2
+    epochs: int = 10
+    lr: float = 1e-4
+
+
+class RewardConfig(Section):
+    mode: Literal["hard_plus_soft", "separated", "hard_plus_gtprob_plus_rel", "legacy"] = "hard_plus_soft"
+    hard_weight: float = 1.0
+    soft_weight: float = 1.0
+    rel_weight: float = 0.1
+    alpha: float = 0.5
+    beta: float = 0.8
+
+
+class RCEConfig(Section):
+    epochs: int = Field(5, ge=0)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    tau_start: float = Field(2.0, gt=0)
+    tau_end: float = Field(0.5, gt=0)
+    normalized_reward: bool = False
+    weight_decay: float = 1e-3
+
+
+class AdaptiveBeta(Section):
+    enabled: bool = False
+    kl_low: float = 0.01
+    kl_high: float = 0.1
+    factor: float = Field(1.5, gt=1.0)
+
+
+class CurriculumConfig(Section):
+    """plan9: phase 1 on high+medium quality queries, phase 2 on all, from phase 1's best."""
+
+    enabled: bool = False
+    phase1_epochs: int = 30
+    phase2_epochs: int = 20
+    high_gap: float = 1.5
+    high_min_each: int = 3
+    medium_gap: float = 1.0
+    medium_min_each: int = 2
+
+
+class GRPOConfig(Section):
+    epochs: int = Field(0, ge=0)
+    lr: float = Field(5e-6, gt=0)
+    batch_size: int = Field(8, ge=1)
+    updates_per_round: int = Field(1, ge=1, description="policy updates per old-policy refresh")
+    kl_beta: float = Field(0.15, ge=0)
+    rank_advantage: bool = True
+    min_std: float = Field(0.1, gt=0)
+    adv_clip: float = Field(5.0, gt=0)
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    log_ratio_clamp: float = Field(20.0, gt=0)
+    kl_estimator: Literal["k3", "exact"] = "k3"
+    reference: Literal["rce", "v2", "none"] = "rce"
+    adaptive_beta: AdaptiveBeta = AdaptiveBeta()
+    freeze_backbone: bool = True
+    require_positive: bool = False
+    curriculum: CurriculumConfig = CurriculumConfig()
+    grad_clip: float = 1.0
+
+
+class ValidationConfig(Section):
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+
+
+class CheckpointConfig(Section):
+    strategy: Literal["val_loss", "val_reward", "last", "epoch"] = "last"
+    epoch: Optional[int] = Field(None, ge=1)
+    evaluate_epochs: list[int] = []
+
+    @model_validator(mode="after")
+    def _epoch_needed(self) -> "CheckpointConfig":
+        if self.strategy == "epoch" and self.epoch is None:
+            raise ValueError("strategy 'epoch' needs 'epoch' set")
+        return self
+
+
+class InferConfig(Section):
+    split: Literal["val", "train"] = "val"
+    num_samples: int = Field(800, ge=1)
+    shots: list[int] = [1, 2, 3, 4]
+    shards: int = Field(1, ge=1)
+    pool: Literal["train", "retrieved"] = "train"
+    retrieve_top_n: int = Field(64, ge=1)
+    baselines: list[Literal["random", "retrieval", "v2"]] = ["random", "retrieval"]
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _shots_positive(self) -> "InferConfig":
+        if not self.shots or any(s < 1 for s in self.shots):
+            raise ValueError("shots must be a non-empty list of positive integers")
+        return self
+
+
+class AlertConfig(Section):
+    kl_max: float = 5.0
+    kl_growth_per_epoch: float = 2.0
+    adv_std_floor: float = 0.01
+    adv_std_epochs: int = 3
+    val_loss_rising_epochs: int = 5
+    stalled_minutes: int = 30
+    regression_margin: float = 1.5
+    guard: Literal["off", "warn", "stop", "rollback"] = "warn"
+
+
+class ReportConfig(Section):
+    bootstrap_samples: int = Field(2000, ge=100)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    references: list[str] = []
+
+
+class PlatformConfig(Section):
+    image: str = "ghcr.io/lever-ml/lever:0.1.0"
+    slim_image: str = "ghcr.io/lever-ml/lever-slim:0.1.0"
+    namespace: str = "lever"
+    gpu_per_pod: int = 1
+    node_selector: dict[str, str] = {}
+    tolerations: list[dict[str, str]] = []
+    service_account: str = "lever"
+
+
+class PlanConfig(Section):
+    name: str
+    description: str = ""
+    extends: Optional[str] = None
+    profile: Optional[str] = None
+    seed: int = 42
+    recommended: bool = False
+    data: DataConfig = DataConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    lvlm: LVLMConfig = LVLMConfig()
+    beam: BeamConfig = BeamConfig()
+    rl_data: RLDataConfig = RLDataConfig()
+    selector: SelectorConfig = SelectorConfig()
+    v2: V2TrainConfig = V2TrainConfig()
+    lever_lm: LeverLMConfig = LeverLMConfig()
+    reward: RewardConfig = RewardConfig()
+    rce: RCEConfig = RCEConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    validation: ValidationConfig = ValidationConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    infer: InferConfig = InferConfig()
+    alerts: AlertConfig = AlertConfig()
+    report: ReportConfig = ReportConfig()
+    platform: PlatformConfig = PlatformConfig()
+    selector_source: Literal["v3", "v2"] = Field(
+        "v3", description="v3: RCE(+GRPO) checkpoint; v2: the supervised pointer selector alone"
+    )
+    baseline_plan: Optional[str] = Field("baseline", description="plan whose results the report compares against")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "PlanConfig":
+        if self.sampler.pool_size < self.beam.shots:
+            raise ValueError(
+                f"sampler.pool_size={self.sampler.pool_size} is smaller than beam.shots={self.beam.shots}"
+            )
+        if self.sampler.pool_size < self.rl_data.shots:
+            raise ValueError(
+                f"sampler.pool_size={self.sampler.pool_size} is smaller than rl_data.shots={self.rl_data.shots}"
+            )
+        if self.infer.pool == "retrieved" and self.infer.retrieve_top_n < max(self.infer.shots):
+            raise ValueError(
+                f"infer.retrieve_top_n={self.infer.retrieve_top_n} cannot give {max(self.infer.shots)} shots"
+            )
+        return self

@@ -1,0 +1,76 @@
+"""What a stage function receives.
+
+A stage is ``def stage(ctx: StageContext) -> None``: it reads ``ctx.inputs`` (local directories
+of finished upstream artifacts) and writes files into ``ctx.out``.  ``ctx.out`` is a staging
+directory owned by the store: it survives a kill (so a stage may resume from what it finds
+there) and becomes visible under the artifact's final key only when the stage returns and the
+store commits it atomically.  The same call is made by ``lever stage``, the local runner and the
+Argo container.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from lever.config.schema import PlanConfig
+from lever.pipeline.graph import Unit
+
+
+class StageError(Exception):
+    """A stage refused its input or failed in a way the user must fix (exit code 2, never retried)."""
+
+
+@dataclass
+class UpstreamOutput:
+    """All committed units of one upstream stage, in unit order (shard 0, 1, ...)."""
+
+    stage: str
+    units: list[tuple[Unit, Path]]
+    hash: str = ""
+
+    @property
+    def path(self) -> Path:
+        """The single directory of a non-fanned-out stage."""
+        if len(self.units) != 1:
+            raise StageError(f"stage {self.stage!r} has {len(self.units)} units; iterate .units instead")
+        return self.units[0][1]
+
+    def paths(self) -> list[Path]:
+        return [p for _, p in self.units]
+
+    def find(self, **params: Any) -> list[tuple[Unit, Path]]:
+        return [(u, p) for u, p in self.units if all(u.get(k) == v for k, v in params.items())]
+
+
+class _NullTelemetry:
+    """Used when no metrics backend is configured: every hook is a no-op."""
+
+    def __getattr__(self, name: str):
+        return lambda *a, **k: None
+
+
+@dataclass
+class StageContext:
+    plan: PlanConfig
+    stage: str
+    unit: Unit
+    inputs: dict[str, UpstreamOutput]
+    out: Path
+    run_id: str = "local"
+    # extra upstream outputs from the baseline plan (summarize only): same keys as inputs
+    baseline_inputs: dict[str, UpstreamOutput] = field(default_factory=dict)
+    telemetry: Any = field(default_factory=_NullTelemetry)
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("lever.stage"))
+    config_hash: str = ""
+
+    def input(self, name: str) -> UpstreamOutput:
+        try:
+            return self.inputs[name]
+        except KeyError:
+            raise StageError(f"stage {self.stage!r} needs upstream {name!r}, which was not provided") from None
+
+    def optional_input(self, name: str) -> Optional[UpstreamOutput]:
+        return self.inputs.get(name)

@@ -1,0 +1,142 @@
+"""The pipeline, defined once as data.
+
+Both executors read this table: the local runner (``lever.pipeline.runner``) walks it in order
+inside one process tree, and the Argo renderer (``lever.platform.workflows``) turns each entry
+into a Container template running ``lever stage NAME``.  A stage entry names the function that
+does the work (imported lazily so that rendering workflows never imports torch), the upstream
+stages it reads, the config sections its output depends on (for content addressing), and how it
+fans out.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional
+
+from lever.config.schema import PlanConfig
+
+FanOut = Literal["none", "shard", "infer"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One independently stored piece of a stage's output (the whole stage, a shard, or a
+    (variant, shot, shard) inference job).  ``params`` become part of the artifact key."""
+
+    stage: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def id(self) -> str:
+        if not self.params:
+            return "all"
+        return "-".join(f"{k}{v}" for k, v in self.params)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return dict(self.params).get(key, default)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    func: str  # "module:function", called as func(ctx: StageContext) -> None
+    inputs: tuple[str, ...]
+    config_fields: tuple[str, ...]
+    fanout: FanOut = "none"
+    gpu: bool = False
+    description: str = ""
+    # inputs a given unit really reads (default: all); lets the random/retrieval inference units
+    # of two plans share one artifact because they do not depend on the plan's selector.
+    unit_inputs: Optional[Callable[[Unit], tuple[str, ...]]] = field(default=None, compare=False)
+
+    def load(self) -> Callable[..., None]:
+        module, _, attr = self.func.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def units(self, plan: PlanConfig) -> list[Unit]:
+        if self.fanout == "none":
+            return [Unit(self.name)]
+        if self.fanout == "shard":
+            n = shard_count(self.name, plan)
+            return [Unit(self.name, (("shard", i), ("of", n))) for i in range(n)]
+        out = []
+        for variant in infer_variants(plan):
+            for shot in plan.infer.shots:
+                for i in range(plan.infer.shards):
+                    out.append(Unit(self.name, (("variant", variant), ("shot", shot), ("shard", i), ("of", plan.infer.shards))))
+        return out
+
+    def inputs_for(self, unit: Unit) -> tuple[str, ...]:
+        return self.unit_inputs(unit) if self.unit_inputs else self.inputs
+
+
+def shard_count(stage: str, plan: PlanConfig) -> int:
+    return {"generate-beams": plan.beam.shards, "generate-rl-data": plan.rl_data.shards}.get(stage, 1)
+
+
+def infer_variants(plan: PlanConfig) -> list[str]:
+    """'selector' is the plan's own chosen checkpoint; the others are reference baselines."""
+    return ["selector"] + [b for b in plan.infer.baselines]
+
+
+def _infer_inputs(unit: Unit) -> tuple[str, ...]:
+    variant = unit.get("variant")
+    base = ("prepare-data", "export-embeddings")
+    if variant == "selector":
+        return base + ("convert",)
+    if variant == "v2":
+        return base + ("train-v2",)
+    return base
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("prepare-data", "lever.data.stage:prepare_data", (), ("data",),
+          description="normalized dataset index (train/val, fixed question_id order)"),
+    Stage("export-embeddings", "lever.models.embed_stage:export_embeddings", ("prepare-data",), ("encoder",),
+          gpu=True, description="query/candidate CLIP-style embeddings (safetensors)"),
+    Stage("generate-beams", "lever.sampling.stages:generate_beams", ("prepare-data", "export-embeddings"),
+          ("sampler", "lvlm", "beam", "seed"), fanout="shard", gpu=True,
+          description="InfoScore beam search with the LVLM, sharded by query range"),
+    Stage("train-v2", "lever.training.stages:train_v2", ("export-embeddings", "generate-beams"),
+          ("selector", "v2", "seed"), gpu=True, description="v2 pointer selector, CE on the beams"),
+    Stage("generate-rl-data", "lever.sampling.stages:generate_rl_data",
+          ("prepare-data", "export-embeddings", "generate-beams", "train-v2"),
+          ("sampler", "lvlm", "rl_data", "seed"), fanout="shard", gpu=True,
+          description="RL groups from beams, v2, retrieval and random sources, judged by the LVLM"),
+    Stage("train-rce", "lever.training.stages:train_rce", ("export-embeddings", "generate-rl-data", "train-v2"),
+          ("selector", "reward", "rce", "validation", "seed"), gpu=True,
+          description="reward-weighted CE from the v2 weights"),
+    Stage("train-grpo", "lever.training.stages:train_grpo",
+          ("export-embeddings", "generate-rl-data", "train-rce", "train-v2"),
+          ("selector", "reward", "grpo", "validation", "alerts", "seed"), gpu=True,
+          description="GRPO from the RCE result"),
+    Stage("select-checkpoint", "lever.training.stages:select_checkpoint", ("train-v2", "train-rce", "train-grpo"),
+          ("checkpoint", "selector_source"), description="pick the checkpoint (val_loss | val_reward | last | epoch)"),
+    Stage("convert", "lever.training.stages:convert", ("select-checkpoint",), (),
+          description="v3 checkpoint -> v2 layout for inference"),
+    Stage("infer", "lever.inference.stage:infer", ("prepare-data", "export-embeddings", "convert", "train-v2"),
+          ("lvlm", "infer"), fanout="infer", gpu=True, unit_inputs=_infer_inputs,
+          description="predictions per (variant, shot, shard)"),
+    Stage("summarize", "lever.report.stage:summarize",
+          ("infer", "generate-rl-data", "train-rce", "train-grpo", "select-checkpoint"),
+          ("report", "infer.shots", "alerts.regression_margin"),
+          description="report.md, report.json and plots against the baseline plan"),
+)
+
+BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
+
+
+def stage(name: str) -> Stage:
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(BY_NAME)}") from None
+
+
+def order() -> list[str]:
+    return [s.name for s in STAGES]
+
+
+def training_stages() -> list[str]:
+    return ["train-v2", "train-rce", "train-grpo", "select-checkpoint", "convert"]
