@@ -1,3 +1,177 @@
-"""CLI commands: k8s (see the module that implements them)."""
+"""``lever render``, ``lever submit`` and ``lever regress``: the Kubernetes side of the CLI.
 
-from lever.cli.app import app  # noqa: F401
+``render`` and ``submit`` only build manifests (Hera, no torch); ``regress`` is the nightly
+verdict step.  Exit codes follow the pipeline contract: 2 = the user must fix something (unknown
+plan, missing report, bad flags), 1 = ``regress`` found a regression.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from lever.cli.app import app
+
+ENV_SERVER = "ARGO_SERVER"
+ENV_TOKEN = "ARGO_TOKEN"
+ENV_NAMESPACE = "ARGO_NAMESPACE"
+ENV_INSECURE = "ARGO_INSECURE_SKIP_VERIFY"
+
+
+def _fail(msg: str, code: int = 2) -> SystemExit:
+    """SystemExit, not typer.Exit: ``lever.cli.main`` runs click with ``standalone_mode=False``,
+    where a typer.Exit code is returned instead of becoming the process status."""
+    typer.echo(f"error: {msg}", err=True)
+    return SystemExit(code)
+
+
+@app.command("render")
+def render_cmd(
+    plan: Optional[str] = typer.Argument(None, help="plan to render a Workflow for (omit with --all)"),
+    profile: str = typer.Option("cluster", "--profile", "-p", help="profile the pods run the plan with"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write to FILE instead of stdout"),
+    all_: bool = typer.Option(False, "--all", help="write every generated file (workflows/ and the chart's files/)"),
+    out: Path = typer.Option(Path("workflows"), "--out", help="with --all: directory for the Workflow files"),
+    chart: Optional[Path] = typer.Option(None, "--chart", help="with --all: chart dir whose files/ get the template and cron (default: helm/lever next to --out)"),
+) -> None:
+    """Render a plan's Argo Workflow (``argo submit``-able), or with --all regenerate every committed file."""
+    from lever.config.loader import PlanError
+    from lever.platform import render
+
+    if all_:
+        if plan is not None:
+            raise _fail("give either PLAN or --all, not both")
+        chart_dir = chart if chart is not None else out.resolve().parent / "helm" / "lever"
+        written = render.write_all(out, chart_dir)
+        for p in written:
+            typer.echo(f"wrote {p}")
+        return
+    if plan is None:
+        raise _fail("missing PLAN (or --all)")
+    try:
+        wf = render.plan_workflow(plan, profile)
+    except PlanError as exc:
+        raise _fail(str(exc)) from None
+    text = render.HEADER + render.to_yaml(wf) if output else render.to_yaml(wf)
+    if output:
+        render.write_atomic(output, text)
+        typer.echo(f"wrote {output}", err=True)
+    else:
+        sys.stdout.write(text)
+
+
+def build_submission(plan: str, profile: str, *, host: str, token: Optional[str], namespace: str,
+                     verify_ssl: bool = True, session: Any = None):
+    """The Hera ``Workflow`` bound to a ``WorkflowsService``; separated from ``submit`` so the
+    request can be built and inspected without a server."""
+    from hera.workflows import WorkflowsService
+
+    from lever.platform import render
+
+    wf = render.plan_workflow(plan, profile)
+    wf.namespace = namespace
+    wf.workflows_service = WorkflowsService(host=host, token=token, namespace=namespace,
+                                            verify_ssl=verify_ssl, session=session)
+    return wf
+
+
+@app.command("submit")
+def submit_cmd(
+    plan: str = typer.Argument(..., help="plan to run on the cluster"),
+    profile: str = typer.Option("cluster", "--profile", "-p"),
+    namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help=f"default ${ENV_NAMESPACE} or the platform namespace"),
+    server: Optional[str] = typer.Option(None, "--server", help=f"Argo server URL (default ${ENV_SERVER})"),
+) -> None:
+    """Submit PLAN through the Argo server (the ``lever-pipeline`` template must be installed)."""
+    from lever.config.loader import PlanError
+    from lever.platform import render
+
+    host = server or os.environ.get(ENV_SERVER)
+    if not host:
+        raise _fail(f"set {ENV_SERVER} (e.g. https://argo.example.com:2746) or pass --server")
+    if not host.startswith(("http://", "https://")):
+        host = "https://" + host
+    ns = namespace or os.environ.get(ENV_NAMESPACE) or render.cluster_platform().namespace
+    verify = os.environ.get(ENV_INSECURE, "").lower() not in ("1", "true", "yes")
+    try:
+        wf = build_submission(plan, profile, host=host, token=os.environ.get(ENV_TOKEN), namespace=ns, verify_ssl=verify)
+    except PlanError as exc:
+        raise _fail(str(exc)) from None
+    try:
+        created = wf.create()
+    except Exception as exc:  # connection refused, 401/403, template missing: all fixable by the user
+        raise _fail(f"submission to {host} failed: {exc}") from None
+    name = created.metadata.name
+    typer.echo(name)
+    typer.echo(wf.workflows_service.get_workflow_link(name))
+
+
+def _load_report(report: Optional[Path], store: Optional[str], plan: str, baseline: str, profile: str) -> dict:
+    """The plan's report.json: an explicit file, or the summarize artifact of (plan, baseline)
+    located in the store by its content key (computed from the configs, as the runner does)."""
+    if report is not None:
+        try:
+            return json.loads(report.read_text())
+        except FileNotFoundError:
+            raise _fail(f"{report}: no such report") from None
+        except json.JSONDecodeError as exc:
+            raise _fail(f"{report}: invalid JSON: {exc}") from None
+    if not store:
+        raise _fail("give --store (s3://BUCKET/PREFIX or a directory) or --report FILE")
+    from lever.config import load_plan
+    from lever.pipeline.graph import STAGES
+    from lever.pipeline.runner import Pipeline
+    from lever.pipeline.store import CorruptArtifact, open_store
+
+    pipe = Pipeline(load_plan(plan, profile), open_store(store), baseline=load_plan(baseline, profile))
+    stage = next((s.name for s in STAGES if getattr(s, "with_baseline", False)), "summarize")
+    unit = pipe.select_units(stage)[0]
+    key = pipe.key(stage, unit)
+    try:
+        path = pipe.store.open(key) / "report.json"
+    except (KeyError, CorruptArtifact) as exc:
+        raise _fail(f"no usable {stage} artifact for {plan} vs {baseline} at {pipe.store.location(key)} ({exc}); "
+                    f"run the plan first") from None
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as exc:
+        raise _fail(f"{path}: unreadable report ({exc})") from None
+
+
+@app.command("regress")
+def regress_cmd(
+    plan: str = typer.Option(..., "--plan", help="plan under test (the nightly's recommended plan)"),
+    baseline: str = typer.Option("baseline", "--baseline"),
+    margin: float = typer.Option(1.5, "--margin", help="accuracy points the plan may trail the baseline by"),
+    rule: str = typer.Option("strict", "--rule", help="strict: CI upper bound < -margin; significant: diff < -margin and CI upper bound < 0"),
+    store: Optional[str] = typer.Option(None, "--store"),
+    report: Optional[Path] = typer.Option(None, "--report", help="read this report.json instead of the store"),
+    profile: str = typer.Option("cluster", "--profile", "-p"),
+    run_id: str = typer.Option("", "--run-id", help="labels the pushed gauges"),
+    pushgateway: Optional[str] = typer.Option(None, "--pushgateway", help="default $LEVER_PUSHGATEWAY_URL; empty = no push"),
+) -> None:
+    """Fail (exit 1) when any shot of PLAN's report is below BASELINE by more than MARGIN, judged
+    with the report's confidence intervals; push ``lever_nightly_regression`` per shot."""
+    from lever.platform.regress import RULES, ReportFormatError, judge, push_gauges
+
+    if rule not in RULES:
+        raise _fail(f"--rule must be one of {', '.join(RULES)}")
+    data = _load_report(report, store, plan, baseline, profile)
+    try:
+        verdict = judge(data, plan=plan, baseline=baseline, margin=margin, rule=rule)
+    except (ReportFormatError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(verdict.table())
+    url = pushgateway if pushgateway is not None else os.environ.get("LEVER_PUSHGATEWAY_URL", "")
+    if url:
+        try:
+            push_gauges(verdict, url, run_id or "manual")
+        except Exception as exc:  # the verdict (exit code) matters more than the metric
+            typer.echo(f"warning: could not push gauges to {url}: {exc}", err=True)
+    if verdict.regression:
+        raise SystemExit(1)

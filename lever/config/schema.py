@@ -67,6 +67,11 @@ class LVLMConfig(Section):
     max_pixels: int = 448 * 448
     fast: bool = Field(True, description="use the cached/batched scoring path (the plain path stays as reference)")
     seed: int = 0
+    warmup_steps: int = Field(
+        300, ge=0,
+        description="tiny_qwen2_5_vl only: seeded warm-up fine-tune steps on synthetic QA (cached on disk) "
+        "so some answers are right and rewards vary; 0 keeps the random weights",
+    )
 
 
 class BeamConfig(Section):
@@ -238,6 +243,11 @@ class AlertConfig(Section):
     stalled_minutes: int = 30
     regression_margin: float = 1.5
     guard: Literal["off", "warn", "stop", "rollback"] = "warn"
+    # Prometheus side only (lever.obs.alerts): how long a condition must hold before an alert
+    # fires, and how long after a run's last push its alerts still count (Pushgateway keeps
+    # finished runs' groups forever; without this, one diverged run would alert for ever).
+    for_minutes: float = Field(1.0, ge=0)
+    retention_hours: float = Field(24.0, gt=0)
 
 
 class ReportConfig(Section):
@@ -254,6 +264,23 @@ class PlatformConfig(Section):
     node_selector: dict[str, str] = {}
     tolerations: list[dict[str, str]] = []
     service_account: str = "lever"
+    # Added for the Argo renderer (lever.platform); defaults describe a typical GPU cluster.
+    store: str = Field("s3://lever-artifacts/lever", description="artifact store URL the pods use")
+    s3_secret: str = Field("lever-s3", description="Secret holding AWS_* keys; referenced, never created")
+    pushgateway_url: str = "http://prometheus-pushgateway.monitoring.svc:9091"
+    run_as_user: int = Field(10001, ge=1, description="numeric non-root UID of every pod (matches the images)")
+    gpu_cpu: str = "8"
+    gpu_memory: str = "64Gi"
+    cpu_cpu: str = "2"
+    cpu_memory: str = "8Gi"
+    shm_size: str = "16Gi"
+    cache_size: str = "100Gi"
+    retry_limit: int = Field(3, ge=0)
+    retry_backoff: str = "1m"
+    retry_factor: int = Field(2, ge=1)
+    retry_max_duration: str = "2h"
+    nightly_schedule: str = "0 2 * * *"
+    nightly_timezone: str = "Etc/UTC"
 
 
 class PlanConfig(Section):

@@ -6,7 +6,6 @@ through the same loader as OKVQA, so the tiny profile exercises the real loading
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from lever.config.schema import DataConfig
@@ -43,7 +42,6 @@ def _synthetic(cfg: DataConfig, out: Path) -> DatasetIndex:
 
 def prepare_data(ctx: StageContext) -> None:
     """Build the dataset index for ``ctx.plan.data`` into ``ctx.out/dataset.json``."""
-    start = time.monotonic()
     cfg = ctx.plan.data
     out = Path(ctx.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -55,4 +53,3 @@ def prepare_data(ctx: StageContext) -> None:
     write_index(out, index)
     ctx.log.info("prepare-data: %s train=%d val=%d", index.name, len(index.train), len(index.val))
     ctx.telemetry.progress(len(index.train) + len(index.val), len(index.train) + len(index.val))
-    ctx.telemetry.stage_done("ok", time.monotonic() - start)

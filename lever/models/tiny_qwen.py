@@ -66,7 +66,7 @@ tiny yes no object objects thing things does do have has kind type number size s
 to with it its shown visible most least more fewer than same different both any all none count
 red green blue yellow orange purple pink brown black white gray grey cyan magenta gold silver
 circle circles square squares triangle triangles rectangle rectangles star stars ellipse oval
-diamond cross hexagon line lines dot dots shapes ring rings heart hearts
+diamond cross hexagon line lines dot dots shapes ring rings heart hearts violet box rhombus
 zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen
 sixteen seventeen eighteen nineteen twenty
 """.split()

@@ -65,6 +65,12 @@ class StageContext:
     telemetry: Any = field(default_factory=_NullTelemetry)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("lever.stage"))
     config_hash: str = ""
+    # the resolved baseline plan (summarize only; None when the plan has no baseline)
+    baseline_plan: Optional[PlanConfig] = None
+    # set by ``lever report`` after a failure: some upstream units are absent and ``missing``
+    # names them ("stage/unit-id", "baseline:stage/unit-id"); the stage writes what it can
+    partial: bool = False
+    missing: list[str] = field(default_factory=list)
 
     def input(self, name: str) -> UpstreamOutput:
         try:

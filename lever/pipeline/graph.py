@@ -49,6 +49,9 @@ class Stage:
     # inputs a given unit really reads (default: all); lets the random/retrieval inference units
     # of two plans share one artifact because they do not depend on the plan's selector.
     unit_inputs: Optional[Callable[[Unit], tuple[str, ...]]] = field(default=None, compare=False)
+    # the stage also reads the baseline plan's outputs of its inputs (summarize): their hashes
+    # join its key and the runner fills ``ctx.baseline_inputs``
+    with_baseline: bool = False
 
     def load(self) -> Callable[..., None]:
         module, _, attr = self.func.partition(":")
@@ -116,12 +119,15 @@ STAGES: tuple[Stage, ...] = (
     Stage("convert", "lever.training.stages:convert", ("select-checkpoint",), (),
           description="v3 checkpoint -> v2 layout for inference"),
     Stage("infer", "lever.inference.stage:infer", ("prepare-data", "export-embeddings", "convert", "train-v2"),
-          ("lvlm", "infer"), fanout="infer", gpu=True, unit_inputs=_infer_inputs,
+          # not the whole infer section: shots/baselines/shards only pick units (and the unit params
+          # carry shot, variant, shard, of), so a plan with other shots still shares each unit
+          ("lvlm", "infer.split", "infer.num_samples", "infer.pool", "infer.retrieve_top_n", "infer.seed"),
+          fanout="infer", gpu=True, unit_inputs=_infer_inputs,
           description="predictions per (variant, shot, shard)"),
     Stage("summarize", "lever.report.stage:summarize",
           ("infer", "generate-rl-data", "train-rce", "train-grpo", "select-checkpoint"),
-          ("report", "infer.shots", "alerts.regression_margin"),
-          description="report.md, report.json and plots against the baseline plan"),
+          ("name", "baseline_plan", "report", "infer.shots", "alerts.regression_margin"),
+          with_baseline=True, description="report.md, report.json and plots against the baseline plan"),
 )
 
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}

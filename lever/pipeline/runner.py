@@ -1,0 +1,485 @@
+"""Stage execution shared by every executor, and the local runner built on it.
+
+``run_unit`` is the one code path that turns (plan, stage, unit) into a committed artifact: it
+computes the unit's content key, returns at once when a verified artifact is already there,
+otherwise materializes the upstream artifacts, builds the ``StageContext`` (its ``out`` is the
+persistent staging directory, so a killed stage resumes), calls the stage function from the graph
+and commits.  ``lever stage`` (the Argo container) calls it for one unit; ``lever run`` walks the
+whole graph with it, fanning units out to worker processes.
+
+The graph is an argument (default: ``graph.STAGES``) so tests can inject fake stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+from lever.config.schema import PlanConfig
+from lever.pipeline.context import StageContext, StageError, UpstreamOutput, _NullTelemetry
+from lever.pipeline.graph import STAGES, Stage, Unit
+from lever.pipeline.hashing import PlanKeys, artifact_key, full_config_hash, plan_keys
+from lever.pipeline.store import CorruptArtifact, StagingBusy, Store, open_store
+
+log = logging.getLogger("lever.runner")
+
+#: config sections a ``--set`` override also applies to in the baseline plan: the ones that make
+#: the two runs comparable (data, models, eval), never the training recipe being compared
+SHARED_OVERRIDE_SECTIONS = ("data", "encoder", "sampler", "lvlm", "beam", "rl_data", "infer", "report",
+                            "alerts", "platform", "seed")
+
+
+@dataclass
+class UnitResult:
+    stage: str
+    unit: str
+    key: str
+    status: str  # cached | built | rebuilt | failed
+    seconds: float = 0.0
+    location: str = ""
+    error: str = ""
+    plan: str = ""
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def make_telemetry(plan_name: str, run_id: str, stage: str, unit: Optional[str] = None, alerts: Any = None) -> Any:
+    """Prometheus telemetry (``lever.obs.telemetry``) when configured, else the no-op object."""
+    try:
+        from lever.obs.telemetry import make_telemetry as _make  # type: ignore[attr-defined]
+    except ImportError:
+        return _NullTelemetry()
+    try:
+        try:
+            return _make(plan_name, run_id, stage, unit=unit, alerts=alerts)
+        except TypeError:
+            return _make(plan_name, run_id, stage)
+    except Exception as exc:  # metrics must never break a stage
+        log.warning("telemetry disabled: %s", exc)
+        return _NullTelemetry()
+
+
+def baseline_overrides(overrides: Iterable[str]) -> list[str]:
+    """The subset of ``--set`` overrides that also applies to the baseline plan."""
+    out = []
+    for spec in overrides:
+        section = spec.split("=", 1)[0].strip().split(".")[0]
+        if section in SHARED_OVERRIDE_SECTIONS:
+            out.append(spec)
+    return out
+
+
+def load_baseline(plan: PlanConfig, profile: Optional[str], overrides: Iterable[str] = ()) -> Optional[PlanConfig]:
+    """The plan the report compares against, resolved with the same profile (None if none)."""
+    from lever.config.loader import load_plan
+
+    name = plan.baseline_plan
+    if not name or name == plan.name:
+        return None
+    return load_plan(name, profile, baseline_overrides(overrides))
+
+
+class Pipeline:
+    """One plan (plus its baseline) bound to a store: keys, unit selection and execution."""
+
+    def __init__(
+        self,
+        plan: PlanConfig,
+        store: Store,
+        *,
+        stages: Sequence[Stage] = STAGES,
+        baseline: Optional[PlanConfig] = None,
+        run_id: Optional[str] = None,
+    ):
+        self.plan = plan
+        self.store = store
+        self.stages = tuple(stages)
+        self.by_name = {s.name: s for s in self.stages}
+        self.baseline = baseline
+        self.baseline_keys: Optional[PlanKeys] = plan_keys(baseline, self.stages) if baseline is not None else None
+        self.keys = plan_keys(plan, self.stages, self.baseline_keys)
+        self.run_id = run_id or new_run_id()
+
+    # -- selection ------------------------------------------------------------------------
+    def stage(self, name: str) -> Stage:
+        try:
+            return self.by_name[name]
+        except KeyError:
+            raise StageError(f"unknown stage {name!r}; stages: {', '.join(self.by_name)}") from None
+
+    def select_units(self, stage: str, unit_id: Optional[str] = None, filters: Optional[dict[str, str]] = None) -> list[Unit]:
+        """Units of ``stage`` matching an exact id and/or ``key=value`` filters (values compared
+        as strings, so ``--unit shot=2`` matches the int 2)."""
+        units = [u for u, _ in self.keys.units[self.stage(stage).name]]
+        if unit_id is not None:
+            units = [u for u in units if u.id == unit_id]
+            if not units:
+                known = ", ".join(u.id for u, _ in self.keys.units[stage])
+                raise StageError(f"stage {stage!r} of plan {self.plan.name!r} has no unit {unit_id!r}; units: {known}")
+        for k, v in (filters or {}).items():
+            if not any(k in dict(u.params) for u in units):
+                raise StageError(f"--unit {k}={v}: stage {stage!r} units have no parameter {k!r}")
+            units = [u for u in units if str(u.get(k)) == str(v)]
+        if not units:
+            raise StageError(f"no unit of stage {stage!r} matches {filters}")
+        return units
+
+    def key(self, stage: str, unit: Unit) -> str:
+        return self.keys.key_of(stage, unit)
+
+    def status(self, stage: str, unit: Unit) -> str:
+        """cached | missing | corrupt (no side effects)."""
+        problems = self.store.check(self.key(stage, unit))
+        return "missing" if problems is None else ("cached" if not problems else "corrupt")
+
+    # -- inputs ---------------------------------------------------------------------------
+    def _materialize(self, keys: PlanKeys, names: Iterable[str], allow_missing: bool, label: str,
+                     missing: list[str]) -> dict[str, UpstreamOutput]:
+        out: dict[str, UpstreamOutput] = {}
+        for name in names:
+            units: list[tuple[Unit, Any]] = []
+            for u, h in keys.units[name]:
+                key = artifact_key(name, h)
+                try:
+                    units.append((u, self.store.open(key)))
+                except KeyError:
+                    if not allow_missing:
+                        raise StageError(
+                            f"{label}input {name}/{u.id} of plan {keys.plan!r} is not in the store "
+                            f"({self.store.location(key)}); run `lever stage {name} --plan {keys.plan}` "
+                            f"or `lever run {keys.plan}` first") from None
+                    missing.append(f"{label}{name}/{u.id}")
+                except CorruptArtifact as exc:
+                    where = self.store.quarantine(key, str(exc))
+                    log.error("%s; moved to %s", exc, where)
+                    if not allow_missing:
+                        raise StageError(f"{label}input {exc}; it was quarantined to {where}: rebuild it "
+                                         f"(`lever run {keys.plan}` does)") from None
+                    missing.append(f"{label}{name}/{u.id}")
+            if units or not allow_missing:
+                out[name] = UpstreamOutput(name, units, keys.stage_hash[name])
+        return out
+
+    # -- execution ------------------------------------------------------------------------
+    def run_unit(self, stage_name: str, unit: Unit, *, force: bool = False, fresh: bool = False) -> UnitResult:
+        """Build one unit unless a verified artifact already exists."""
+        st = self.stage(stage_name)
+        key = self.key(stage_name, unit)
+        status = "built"
+        problems = self.store.check(key)
+        if problems is not None and not force:
+            if not problems:
+                return UnitResult(stage_name, unit.id, key, "cached", location=self.store.location(key), plan=self.plan.name)
+            where = self.store.quarantine(key, "; ".join(problems))
+            log.error("artifact %s (%s/%s) failed verification: %s; moved to %s, rebuilding",
+                      key, stage_name, unit.id, "; ".join(problems), where)
+            status = "rebuilt"
+        elif problems is not None and force:
+            self.store.quarantine(key, "forced rebuild")
+            status = "rebuilt"
+        missing: list[str] = []
+        inputs = self._materialize(self.keys, st.inputs_for(unit), False, "", missing)
+        baseline_inputs: dict[str, UpstreamOutput] = {}
+        if st.with_baseline and self.baseline_keys is not None:
+            baseline_inputs = self._materialize(self.baseline_keys, st.inputs, False, "baseline ", missing)
+        if fresh:
+            self.store.discard_staging(key)
+        return self._execute(st, unit, key, inputs, baseline_inputs, status, partial=False, missing=[])
+
+    def run_partial(self, stage_name: str, *, unit: Optional[Unit] = None) -> UnitResult:
+        """Run a stage on whatever inputs exist (the summarizer after a failure).  The result goes
+        to ``partial/{plan}/{run_id}``, outside the content-addressed space, so it is never taken
+        for the finished artifact.  With every input present this is the normal cached path."""
+        st = self.stage(stage_name)
+        unit = unit or self.select_units(stage_name)[0]
+        missing: list[str] = []
+        inputs = self._materialize(self.keys, st.inputs_for(unit), True, "", missing)
+        baseline_inputs: dict[str, UpstreamOutput] = {}
+        if st.with_baseline and self.baseline_keys is not None:
+            baseline_inputs = self._materialize(self.baseline_keys, st.inputs, True, "baseline:", missing)
+        if not missing:
+            return self.run_unit(stage_name, unit)
+        key = f"partial/{self.plan.name}/{self.run_id}"
+        self.store.discard_staging(key)
+        return self._execute(st, unit, key, inputs, baseline_inputs, "partial", partial=True, missing=missing)
+
+    def _execute(self, st: Stage, unit: Unit, key: str, inputs: dict, baseline_inputs: dict, status: str,
+                 *, partial: bool, missing: list[str]) -> UnitResult:
+        fn: Callable[[StageContext], None] = st.load()
+        telemetry = make_telemetry(self.plan.name, self.run_id, st.name,
+                                   unit=None if unit.id == "all" else unit.id, alerts=self.plan.alerts)
+        t0 = time.monotonic()
+        try:
+            with self.store.staging(key) as staging:
+                ctx = StageContext(
+                    plan=self.plan, stage=st.name, unit=unit, inputs=inputs, out=staging.path, run_id=self.run_id,
+                    baseline_inputs=baseline_inputs, telemetry=telemetry,
+                    log=logging.getLogger(f"lever.stage.{st.name}"),
+                    config_hash=key.rsplit("/", 1)[-1], baseline_plan=self.baseline, partial=partial,
+                    missing=list(missing),
+                )
+                fn(ctx)
+                meta = {
+                    "stage": st.name, "unit": unit.id, "unit_params": {k: v for k, v in unit.params},
+                    "plan": self.plan.name, "run_id": self.run_id, "config_hash": full_config_hash(self.plan),
+                    "unit_hash": key.rsplit("/", 1)[-1], "seconds": round(time.monotonic() - t0, 3),
+                    "inputs": {n: [self.key(n, u) for u, _ in o.units] for n, o in inputs.items()},
+                    "partial": partial, "missing": missing,
+                }
+                self.store.commit(key, meta)
+        except StagingBusy as exc:
+            raise StageError(str(exc)) from None
+        except BaseException:
+            _safe(telemetry.stage_done, "failed", time.monotonic() - t0)
+            _safe(getattr(telemetry, "push", None))
+            raise
+        secs = time.monotonic() - t0
+        _safe(telemetry.stage_done, "built", secs)
+        _safe(getattr(telemetry, "push", None))
+        return UnitResult(st.name, unit.id, key, status, secs, self.store.location(key), plan=self.plan.name)
+
+    def run_stage(self, stage_name: str, units: Optional[Sequence[Unit]] = None, *, jobs: int = 1,
+                  force: bool = False, fresh: bool = False,
+                  on_result: Optional[Callable[[UnitResult], None]] = None) -> list[UnitResult]:
+        """Run the given (default: all) units of a stage; pending ones in ``jobs`` worker processes.
+        Every unit is attempted; failures are raised together at the end so one bad shard does not
+        throw away its siblings' work."""
+        units = list(units) if units is not None else self.select_units(stage_name)
+        results: list[UnitResult] = []
+        pending: list[Unit] = []
+        for u in units:
+            if not force and self.status(stage_name, u) == "cached":
+                r = UnitResult(stage_name, u.id, self.key(stage_name, u), "cached",
+                               location=self.store.location(self.key(stage_name, u)), plan=self.plan.name)
+                results.append(r)
+                if on_result:
+                    on_result(r)
+            else:
+                pending.append(u)
+        errors: list[tuple[Unit, BaseException]] = []
+        if len(pending) <= 1 or jobs <= 1:
+            for u in pending:
+                try:
+                    r = self.run_unit(stage_name, u, force=force, fresh=fresh)
+                except StageError:
+                    raise
+                except Exception as exc:
+                    errors.append((u, exc))
+                    r = UnitResult(stage_name, u.id, self.key(stage_name, u), "failed", error=repr(exc), plan=self.plan.name)
+                results.append(r)
+                if on_result:
+                    on_result(r)
+        else:
+            results.extend(self._run_parallel(stage_name, pending, jobs, force, fresh, errors, on_result))
+        if errors:
+            first = errors[0][1]
+            if isinstance(first, StageError):
+                raise StageError(f"{len(errors)} unit(s) of {stage_name} failed; first ({errors[0][0].id}): {first}")
+            raise RuntimeError(f"{len(errors)} unit(s) of {stage_name} failed; first ({errors[0][0].id}): {first!r}") from first
+        return results
+
+    def _run_parallel(self, stage_name: str, pending: list[Unit], jobs: int, force: bool, fresh: bool,
+                      errors: list, on_result: Optional[Callable[[UnitResult], None]]) -> list[UnitResult]:
+        import multiprocessing as mp
+
+        payload = {
+            "plan": self.plan.model_dump(mode="json"),
+            "baseline": self.baseline.model_dump(mode="json") if self.baseline is not None else None,
+            "stages": self.stages, "store": self.store.spec(), "run_id": self.run_id,
+        }
+        results = []
+        with ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=mp.get_context("spawn"),
+                                 initializer=_worker_init) as ex:
+            futs = {ex.submit(_worker_run, payload, stage_name, u.params, force, fresh): u for u in pending}
+            for fut in as_completed(futs):
+                u = futs[fut]
+                try:
+                    r = fut.result()
+                except Exception as exc:
+                    errors.append((u, exc))
+                    r = UnitResult(stage_name, u.id, self.key(stage_name, u), "failed", error=repr(exc), plan=self.plan.name)
+                results.append(r)
+                if on_result:
+                    on_result(r)
+        order = {u.id: i for i, u in enumerate(pending)}
+        return sorted(results, key=lambda r: order.get(r.unit, 0))
+
+
+def _safe(fn: Optional[Callable], *args: Any) -> None:
+    if fn is None:
+        return
+    try:
+        fn(*args)
+    except Exception as exc:  # telemetry never fails a stage
+        log.debug("telemetry call failed: %s", exc)
+
+
+def _worker_init() -> None:
+    """One torch thread per worker: N workers on N cores, not N*N threads fighting."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+def _worker_run(payload: dict, stage_name: str, params: tuple, force: bool, fresh: bool) -> UnitResult:
+    plan = PlanConfig.model_validate(payload["plan"])
+    baseline = PlanConfig.model_validate(payload["baseline"]) if payload["baseline"] else None
+    store = open_store(payload["store"]["url"], payload["store"].get("cache_dir"))
+    pipe = Pipeline(plan, store, stages=payload["stages"], baseline=baseline, run_id=payload["run_id"])
+    return pipe.run_unit(stage_name, Unit(stage_name, tuple(tuple(p) for p in params)), force=force, fresh=fresh)
+
+
+def run_unit(plan: PlanConfig, stage_name: str, unit: Unit, store: Store, run_id: str = "local", *,
+             stages: Sequence[Stage] = STAGES, baseline: Optional[PlanConfig] = None, force: bool = False) -> UnitResult:
+    """Build (or find cached) one unit of one stage: the call every executor makes."""
+    return Pipeline(plan, store, stages=stages, baseline=baseline, run_id=run_id).run_unit(stage_name, unit, force=force)
+
+
+def default_jobs(plan: PlanConfig) -> int:
+    """Worker processes for fanned-out stages: one per GPU on GPU plans, one per core otherwise."""
+    dev = plan.lvlm.device
+    if dev.startswith("cuda") or dev == "auto":
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                return max(1, torch.cuda.device_count())
+        except ImportError:
+            pass
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def stage_closure(names: Iterable[str], stages: Sequence[Stage] = STAGES) -> list[str]:
+    """The named stages plus everything they (transitively) read, in graph order."""
+    by_name = {s.name: s for s in stages}
+    need: set[str] = set()
+    todo = list(names)
+    while todo:
+        n = todo.pop()
+        if n in need:
+            continue
+        need.add(n)
+        todo.extend(by_name[n].inputs)
+    return [s.name for s in stages if s.name in need]
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    results: list[UnitResult] = field(default_factory=list)
+    report: Optional[str] = None
+    seconds: float = 0.0
+
+
+def _print(console: Any, msg: str) -> None:
+    if console is not None:
+        console.print(msg, highlight=False)
+
+
+def run_stages(pipe: Pipeline, names: Sequence[str], *, jobs: int, console: Any = None, force: Iterable[str] = (),
+               fresh: bool = False, label: str = "") -> list[UnitResult]:
+    """Run ``names`` of one plan in graph order, printing one line per stage (``cached`` when every
+    unit was already in the store) and a progress bar while a fanned-out stage runs."""
+    force = set(force)
+    out: list[UnitResult] = []
+    for i, name in enumerate(names, 1):
+        units = pipe.select_units(name)
+        t0 = time.monotonic()
+        prefix = f"[{i}/{len(names)}] {label}{name}"
+        pending = [u for u in units if name in force or pipe.status(name, u) != "cached"]
+        if not pending:
+            out.extend(UnitResult(name, u.id, pipe.key(name, u), "cached", plan=pipe.plan.name) for u in units)
+            _print(console, f"{prefix:<42} [green]cached[/green]" + (f" ({len(units)} units)" if len(units) > 1 else ""))
+            continue
+        _print(console, f"{prefix:<42} running {len(pending)}/{len(units)} unit(s)"
+                        + (f" in {min(jobs, len(pending))} processes" if jobs > 1 and len(pending) > 1 else ""))
+        progress = None
+        task = None
+        if console is not None and len(pending) > 1:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            progress = Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=console, transient=True)
+            progress.start()
+            task = progress.add_task(name, total=len(units))
+            progress.update(task, completed=len(units) - len(pending))
+
+        def tick(r: UnitResult) -> None:
+            if progress is not None and task is not None and r.unit in {u.id for u in pending}:
+                progress.advance(task)
+
+        try:
+            res = pipe.run_stage(name, units, jobs=jobs, force=name in force, fresh=fresh, on_result=tick)
+        finally:
+            if progress is not None:
+                progress.stop()
+        out.extend(res)
+        built = sum(r.status in ("built", "rebuilt") for r in res)
+        rebuilt = sum(r.status == "rebuilt" for r in res)
+        extra = f", {rebuilt} rebuilt after failed verification" if rebuilt else ""
+        _print(console, f"{prefix:<42} [cyan]built[/cyan] {built} unit(s){extra} in {time.monotonic() - t0:.1f}s")
+    return out
+
+
+def run_plan(
+    plan: PlanConfig,
+    store: Store,
+    *,
+    baseline: Optional[PlanConfig] = None,
+    stages: Sequence[Stage] = STAGES,
+    only: Optional[Sequence[str]] = None,
+    jobs: Optional[int] = None,
+    run_id: Optional[str] = None,
+    force: Iterable[str] = (),
+    fresh: bool = False,
+    console: Any = None,
+) -> RunSummary:
+    """``lever run``: the baseline plan's needed stages (shared units come from the store), then
+    every stage of the plan in order.  ``only`` restricts to some stages plus their inputs."""
+    t0 = time.monotonic()
+    pipe = Pipeline(plan, store, stages=stages, baseline=baseline, run_id=run_id)
+    summary = RunSummary(pipe.run_id)
+    jobs = jobs or default_jobs(plan)
+    names = stage_closure(only, stages) if only else [s.name for s in stages]
+    base_reads = [n for s in stages if s.name in names and s.with_baseline for n in s.inputs]
+    if baseline is not None and base_reads:
+        bpipe = Pipeline(baseline, store, stages=stages, run_id=pipe.run_id)
+        bnames = stage_closure(base_reads, stages)
+        _print(console, f"[bold]baseline plan {baseline.name}[/bold] ({len(bnames)} stages)")
+        summary.results += run_stages(bpipe, bnames, jobs=jobs, console=console, fresh=fresh, label=f"{baseline.name}:")
+    _print(console, f"[bold]plan {plan.name}[/bold] ({len(names)} stages) -> {store.url}")
+    summary.results += run_stages(pipe, names, jobs=jobs, console=console, force=force, fresh=fresh)
+    summary.seconds = time.monotonic() - t0
+    report_stage = next((s.name for s in stages if s.with_baseline and s.name in names), None)
+    if report_stage is not None:
+        unit = pipe.select_units(report_stage)[0]
+        summary.report = store.location(pipe.key(report_stage, unit), "report.md")
+    record = {
+        "plan": plan.name, "baseline": baseline.name if baseline else None, "run_id": pipe.run_id,
+        "store": store.url, "seconds": round(summary.seconds, 2), "report": summary.report,
+        "units": [{"plan": r.plan, "stage": r.stage, "unit": r.unit, "key": r.key, "status": r.status,
+                   "seconds": round(r.seconds, 2)} for r in summary.results],
+    }
+    try:
+        store.put_json(f"runs/{plan.name}/{pipe.run_id}.json", record)
+        store.put_json(f"plans/{plan.name}/latest.json", record)
+    except Exception as exc:  # the index is a convenience; the artifacts are committed already
+        log.warning("could not write the run record: %s", exc)
+    return summary

@@ -1,0 +1,373 @@
+"""Artifact store: one interface, a local-directory backend here and S3 in ``s3.py``.
+
+Layout (relative keys, the same in both backends)::
+
+    {stage}/{unit_hash}/...files...        a committed artifact
+    {stage}/{unit_hash}/_manifest.json      its manifest; present <=> committed
+    partial/{plan}/{run_id}/...             partial reports (never used as a cache)
+    runs/{plan}/{run_id}.json               what a run did (human index, not read back as data)
+    plans/{plan}/latest.json                the latest run of a plan (keys of its report etc.)
+
+Why a manifest per artifact: it is the commit marker (an artifact without one is invisible), and
+its sha256 list is how a damaged or half-copied artifact is detected instead of silently used.
+Stages never write to a final key: they write into a *staging* directory that survives a kill (so a
+stage can resume from what it finds there) and the store commits it atomically (local: one
+``rename``; S3: every file first, the manifest last).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+MANIFEST = "_manifest.json"
+MANIFEST_SCHEMA = 1
+_KEY_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
+
+
+class StoreError(Exception):
+    """The store itself failed (unreachable bucket, permissions): not the user's plan's fault."""
+
+
+class CorruptArtifact(Exception):
+    """A committed artifact whose files do not match its manifest."""
+
+    def __init__(self, key: str, problems: list[str]):
+        super().__init__(f"artifact {key} is corrupt: " + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
+        self.key = key
+        self.problems = problems
+
+
+class StagingBusy(Exception):
+    """Another live process holds the staging directory of this unit."""
+
+
+def check_key(key: str) -> str:
+    parts = key.split("/")
+    if not parts or any(not _KEY_PART.match(p) for p in parts):
+        raise ValueError(f"invalid store key {key!r}")
+    return key
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def iter_files(root: Path) -> Iterator[Path]:
+    """Every regular file under ``root`` (relative paths, sorted), the manifest excluded."""
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            rel = p.relative_to(root)
+            if rel.as_posix() != MANIFEST:
+                yield rel
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp name in the same directory, fsync, rename: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> Optional[str]:
+    """Commit of the source tree this lever runs from, if it is a git checkout (read-only query)."""
+    env = os.environ.get("LEVER_GIT_COMMIT")
+    if env:
+        return env
+    src = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def build_manifest(staging: Path, key: str, meta: dict) -> dict:
+    """Describe every file in ``staging`` (sha256 + size) plus provenance."""
+    from lever import __version__
+
+    files = {}
+    for rel in iter_files(staging):
+        p = staging / rel
+        files[rel.as_posix()] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+    return {
+        "schema_version": MANIFEST_SCHEMA,
+        "key": key,
+        "lever_version": __version__,
+        "git_commit": git_commit(),
+        "created": utc_now(),
+        **meta,
+        "files": files,
+    }
+
+
+def verify_dir(root: Path, manifest: dict) -> list[str]:
+    """Problems of a local copy against its manifest ([] = intact).  Extra files count as problems:
+    a stage reading a directory (e.g. globbing shards) would otherwise see foreign data."""
+    problems = []
+    listed = manifest.get("files")
+    if not isinstance(listed, dict):
+        return ["manifest has no 'files' table"]
+    for rel, info in listed.items():
+        p = root / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+            continue
+        size = p.stat().st_size
+        if size != info.get("size"):
+            problems.append(f"{rel}: size {size} != manifest {info.get('size')}")
+            continue
+        if sha256_file(p) != info.get("sha256"):
+            problems.append(f"{rel}: sha256 mismatch")
+    for rel in iter_files(root):
+        if rel.as_posix() not in listed:
+            problems.append(f"{rel.as_posix()}: not in manifest")
+    return problems
+
+
+@dataclass
+class Staging:
+    """A unit's persistent staging directory, locked for the duration of a build."""
+
+    key: str
+    path: Path
+    lock_path: Path
+    _fd: Optional[int] = None
+
+    def __enter__(self) -> "Staging":
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StagingBusy(f"{self.key} is being built by another process (lock {self.lock_path})") from None
+        self._fd = fd
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+class Store(ABC):
+    """What the runner needs from a backend.  Keys are relative paths (``stage/hash``)."""
+
+    url: str
+
+    @abstractmethod
+    def manifest(self, key: str) -> Optional[dict]:
+        """The committed manifest, or None when the artifact is not committed."""
+
+    @abstractmethod
+    def check(self, key: str) -> Optional[list[str]]:
+        """Cache check: None = not committed, [] = committed and intact, [...] = corrupt."""
+
+    @abstractmethod
+    def open(self, key: str) -> Path:
+        """A local directory holding the verified artifact (raises CorruptArtifact / KeyError)."""
+
+    @abstractmethod
+    def staging(self, key: str) -> Staging:
+        """The persistent, locked staging directory of ``key`` (use as a context manager)."""
+
+    @abstractmethod
+    def commit(self, key: str, meta: dict) -> dict:
+        """Atomically publish the staging directory of ``key``; returns the manifest."""
+
+    @abstractmethod
+    def quarantine(self, key: str, reason: str) -> str:
+        """Move a corrupt artifact out of the way (kept for inspection); returns where it went."""
+
+    @abstractmethod
+    def discard_staging(self, key: str) -> None:
+        """Drop a unit's staging directory (``--fresh``)."""
+
+    @abstractmethod
+    def put_json(self, key: str, obj: Any) -> None:
+        """Write a small non-artifact JSON document (run records), atomically."""
+
+    @abstractmethod
+    def get_json(self, key: str) -> Optional[Any]:
+        """Read one written by :meth:`put_json`; None when absent."""
+
+    @abstractmethod
+    def location(self, key: str, rel: str = "") -> str:
+        """Human-readable location (path or URL) of a key or a file inside it."""
+
+    def spec(self) -> dict:
+        """How a worker process reopens this store (see :func:`open_store`)."""
+        return {"url": self.url}
+
+
+class LocalStore(Store):
+    """A directory tree.  Commit = ``rename(staging, final)`` on the same filesystem."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.url = str(self.root)
+        # (key -> fingerprint of the files when last verified): re-verifying an unchanged artifact
+        # in the same process (cache check, then as a downstream input) is wasted hashing
+        self._verified: dict[str, tuple] = {}
+
+    def _dir(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def _fingerprint(self, d: Path) -> tuple:
+        out = []
+        for rel in iter_files(d):
+            st = (d / rel).stat()
+            out.append((rel.as_posix(), st.st_size, st.st_mtime_ns))
+        mf = d / MANIFEST
+        out.append((MANIFEST, mf.stat().st_mtime_ns if mf.exists() else 0))
+        return tuple(out)
+
+    def manifest(self, key: str) -> Optional[dict]:
+        p = self._dir(key) / MANIFEST
+        if not p.is_file():
+            return None
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, ValueError) as exc:
+            return {"_unreadable": str(exc)}
+        return data if isinstance(data, dict) else {"_unreadable": "not a JSON object"}
+
+    def check(self, key: str) -> Optional[list[str]]:
+        m = self.manifest(key)
+        if m is None:
+            return None
+        if "_unreadable" in m:
+            return [f"{MANIFEST}: unreadable ({m['_unreadable']})"]
+        d = self._dir(key)
+        fp = self._fingerprint(d)
+        if self._verified.get(key) == fp:
+            return []
+        problems = verify_dir(d, m)
+        if not problems:
+            self._verified[key] = fp
+        return problems
+
+    def open(self, key: str) -> Path:
+        problems = self.check(key)
+        if problems is None:
+            raise KeyError(key)
+        if problems:
+            raise CorruptArtifact(key, problems)
+        return self._dir(key)
+
+    def staging(self, key: str) -> Staging:
+        check_key(key)
+        return Staging(key, self.root / ".staging" / key, self.root / ".locks" / (key.replace("/", "__") + ".lock"))
+
+    def commit(self, key: str, meta: dict) -> dict:
+        staging = self.root / ".staging" / check_key(key)
+        manifest = build_manifest(staging, key, meta)
+        atomic_write_json(staging / MANIFEST, manifest)
+        final = self._dir(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            # a concurrent builder won the race, or a corrupt copy was not quarantined
+            if self.check(key) == []:
+                shutil.rmtree(staging)
+                return self.manifest(key) or manifest
+            self.quarantine(key, "replaced by a fresh build")
+        _fsync_dir(staging)
+        os.rename(staging, final)
+        _fsync_dir(final.parent)
+        self._verified.pop(key, None)
+        return manifest
+
+    def quarantine(self, key: str, reason: str) -> str:
+        src = self._dir(key)
+        dest = self.root / ".quarantine" / f"{key.replace('/', '__')}-{int(time.time())}-{os.getpid()}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if src.exists():
+            os.rename(src, dest)
+            atomic_write_json(dest / "_quarantine.json", {"key": key, "reason": reason, "at": utc_now()})
+        self._verified.pop(key, None)
+        return str(dest)
+
+    def discard_staging(self, key: str) -> None:
+        shutil.rmtree(self.root / ".staging" / check_key(key), ignore_errors=True)
+
+    def put_json(self, key: str, obj: Any) -> None:
+        atomic_write_json(self._dir(key), obj)
+
+    def get_json(self, key: str) -> Optional[Any]:
+        p = self._dir(key)
+        if not p.is_file():
+            return None
+        return json.loads(p.read_text())
+
+    def location(self, key: str, rel: str = "") -> str:
+        p = self._dir(key)
+        return str(p / rel) if rel else str(p)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+DEFAULT_STORE = "./lever-store"
+
+
+def open_store(url: Optional[str] = None, cache_dir: Optional[str] = None) -> Store:
+    """``DIR`` -> LocalStore, ``s3://bucket/prefix`` -> S3Store (endpoint/credentials from the
+    environment).  None -> ``$LEVER_STORE`` or ``./lever-store``."""
+    url = url or os.environ.get("LEVER_STORE") or DEFAULT_STORE
+    if url.startswith("s3://"):
+        from lever.pipeline.s3 import S3Store
+
+        rest = url[len("s3://"):]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise ValueError(f"store {url!r}: missing bucket name (s3://BUCKET/PREFIX)")
+        return S3Store(bucket, prefix.strip("/"), cache_dir=cache_dir)
+    if "://" in url:
+        raise ValueError(f"store {url!r}: only local directories and s3:// URLs are supported")
+    return LocalStore(url)

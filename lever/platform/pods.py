@@ -1,0 +1,147 @@
+"""Pod-level building blocks shared by every Lever Argo template.
+
+Every container template is made self-contained (its own volumes, pod security context, service
+account and retry strategy) instead of relying on workflow-level settings, because the nightly
+CronWorkflow calls the pipeline through ``templateRef`` and a ``templateRef`` brings only the
+template, not the WorkflowTemplate's spec-level volumes or security settings.
+"""
+
+from __future__ import annotations
+
+from hera.workflows import EmptyDirVolume, Env, Resources, RetryStrategy, SecretEnv
+from hera.workflows.models import (
+    Backoff,
+    Capabilities,
+    PodSecurityContext,
+    SeccompProfile,
+    SecurityContext,
+    Toleration,
+)
+
+from lever.config.schema import PlatformConfig
+
+# Exit code the CLI uses for user/code errors (bad plan, bad input, StageError): never retried.
+USER_ERROR_EXIT_CODE = 2
+
+# Retry when the attempt ended in an Argo "Error" (pod deleted, evicted, node lost, init/wait
+# container failure) or "Failed" with any exit code but the user-error one (OOMKilled = 137,
+# a crashed CUDA driver, a network blip reaching S3).  Exit codes are compared as strings
+# because ``lastRetry.exitCode`` is a string and may be empty for Error nodes, where
+# ``asInt`` would make the expression itself fail.
+RETRY_EXPRESSION = (
+    'lastRetry.status == "Error" || '
+    f'(lastRetry.status == "Failed" && lastRetry.exitCode != "{USER_ERROR_EXIT_CODE}")'
+)
+# For steps whose non-zero exit is a verdict (``lever regress``: 1 = regression found),
+# only infrastructure errors are retried.
+ERROR_ONLY_EXPRESSION = 'lastRetry.status == "Error"'
+
+GPU_LABEL = "lever.dev/gpu"
+STAGE_LABEL = "lever.dev/stage"
+ROLE_LABEL = "lever.dev/role"
+
+# Keys of the S3 Secret and whether a pod may start without them (endpoint and region are
+# optional: plain AWS needs neither an endpoint nor, with a default region, the region).
+S3_SECRET_KEYS: tuple[tuple[str, bool], ...] = (
+    ("AWS_ACCESS_KEY_ID", False),
+    ("AWS_SECRET_ACCESS_KEY", False),
+    ("AWS_ENDPOINT_URL", True),
+    ("AWS_REGION", True),
+)
+
+TMP_MOUNT = "/tmp"
+CACHE_MOUNT = "/cache"
+SHM_MOUNT = "/dev/shm"
+
+
+def retry_strategy(platform: PlatformConfig, *, verdict_step: bool = False) -> RetryStrategy:
+    """Backoff retries for infrastructure failures only (see ``RETRY_EXPRESSION``).
+
+    ``retryPolicy: Always`` lets the expression decide: ``OnError`` alone would skip OOM kills
+    and other non-zero exits that Kubernetes reports as a *failed* main container.
+    """
+    return RetryStrategy(
+        limit=str(platform.retry_limit),
+        retry_policy="Always",
+        expression=ERROR_ONLY_EXPRESSION if verdict_step else RETRY_EXPRESSION,
+        backoff=Backoff(
+            duration=platform.retry_backoff,
+            factor=str(platform.retry_factor),
+            max_duration=platform.retry_max_duration,
+        ),
+    )
+
+
+def pod_security_context(platform: PlatformConfig) -> PodSecurityContext:
+    """Numeric non-root user matching the images' ``USER``; fsGroup makes emptyDirs writable."""
+    uid = platform.run_as_user
+    return PodSecurityContext(
+        run_as_non_root=True,
+        run_as_user=uid,
+        run_as_group=uid,
+        fs_group=uid,
+        seccomp_profile=SeccompProfile(type="RuntimeDefault"),
+    )
+
+
+def container_security_context() -> SecurityContext:
+    """Read-only root filesystem: every write goes to /tmp, /cache or the S3 store."""
+    return SecurityContext(
+        run_as_non_root=True,
+        read_only_root_filesystem=True,
+        allow_privilege_escalation=False,
+        capabilities=Capabilities(drop=["ALL"]),
+    )
+
+
+def volumes(platform: PlatformConfig, *, gpu: bool) -> list[EmptyDirVolume]:
+    """Scratch space for the read-only root filesystem; GPU pods also get a RAM-backed /dev/shm
+    (the 64 MiB container default starves PyTorch DataLoader workers and NCCL)."""
+    vols = [
+        EmptyDirVolume(name="tmp", mount_path=TMP_MOUNT),
+        EmptyDirVolume(name="cache", mount_path=CACHE_MOUNT, size_limit=platform.cache_size),
+    ]
+    if gpu:
+        vols.append(EmptyDirVolume(name="dshm", mount_path=SHM_MOUNT, medium="Memory", size_limit=platform.shm_size))
+    return vols
+
+
+def env(platform: PlatformConfig, pushgateway: str) -> list[Env | SecretEnv]:
+    """S3 credentials by reference to the Secret (never values), plus paths that keep every
+    library's cache on the writable mounts."""
+    out: list[Env | SecretEnv] = [
+        SecretEnv(name=key, secret_name=platform.s3_secret, secret_key=key, optional=True if optional else None)
+        for key, optional in S3_SECRET_KEYS
+    ]
+    out += [
+        Env(name="LEVER_PUSHGATEWAY_URL", value=pushgateway),
+        Env(name="HOME", value=TMP_MOUNT),
+        Env(name="XDG_CACHE_HOME", value=CACHE_MOUNT),
+        Env(name="LEVER_CACHE_DIR", value=f"{CACHE_MOUNT}/lever"),
+        Env(name="HF_HOME", value=f"{CACHE_MOUNT}/huggingface"),
+        Env(name="TORCH_HOME", value=f"{CACHE_MOUNT}/torch"),
+        Env(name="MPLCONFIGDIR", value=f"{TMP_MOUNT}/matplotlib"),
+        Env(name="PYTHONUNBUFFERED", value="1"),
+        Env(name="PYTHONDONTWRITEBYTECODE", value="1"),
+    ]
+    return out
+
+
+def resources(platform: PlatformConfig, kind: str) -> Resources:
+    """``kind``: ``gpu`` (stage on a GPU), ``cpu`` (CPU stage) or ``small`` (list units)."""
+    if kind == "gpu":
+        return Resources(
+            cpu_request=platform.gpu_cpu,
+            memory_request=platform.gpu_memory,
+            memory_limit=platform.gpu_memory,
+            gpus=platform.gpu_per_pod,
+        )
+    if kind == "cpu":
+        return Resources(cpu_request=platform.cpu_cpu, memory_request=platform.cpu_memory, memory_limit=platform.cpu_memory)
+    return Resources(cpu_request="100m", memory_request="512Mi", memory_limit="1Gi")
+
+
+def tolerations(platform: PlatformConfig) -> list[Toleration] | None:
+    if not platform.tolerations:
+        return None
+    return [Toleration(**t) for t in platform.tolerations]

@@ -1,0 +1,262 @@
+"""The ``lever-pipeline`` WorkflowTemplate and the per-plan Workflows, built from ``graph.STAGES``.
+
+The DAG is derived from the stage table, never hand-listed: one task per stage, wired by the
+stage's ``inputs``; a stage that fans out gets a ``list-<stage>`` task (``lever stage X
+--list-units`` printing a small JSON list of unit ids) and its task runs ``withParam`` over that
+list.  Stages exchange artifacts only through the S3 store, under the same content-addressed
+keys as a local run, so a re-submitted plan skips finished stages.
+
+Every template only reads ``inputs.parameters`` (never ``workflow.parameters``) so the nightly
+CronWorkflow can call ``pipeline`` through ``templateRef`` twice with different plans.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+from hera.workflows import DAG, Container, Parameter, Task, Workflow, WorkflowTemplate
+from hera.workflows.models import PodGC, TTLStrategy, WorkflowTemplateRef
+
+from lever.config.schema import PlanConfig, PlatformConfig
+from lever.pipeline.graph import STAGES, Stage
+from lever.platform import pods
+
+TEMPLATE_NAME = "lever-pipeline"
+PIPELINE = "pipeline"  # the DAG template (callable by templateRef)
+ENTRYPOINT = "main"  # resolves run-id once, then calls PIPELINE
+EXIT_HANDLER = "summarize-partial"
+SUMMARIZE_STAGE = "summarize"
+PART_OF = {"app.kubernetes.io/part-of": "lever"}
+
+# name -> what it means; the order is the order in the rendered manifests
+PARAMS: tuple[tuple[str, str], ...] = (
+    ("plan", "shipped plan name (lever plans)"),
+    ("profile", "plan profile overlay (cluster | tiny)"),
+    ("image", "CUDA image for stage pods"),
+    ("slim-image", "CPU image for list-units, summarize and regress"),
+    ("store", "artifact store URL, e.g. s3://bucket/prefix"),
+    ("run-id", "groups metrics and logs; empty = the workflow name"),
+    ("pushgateway", "Prometheus Pushgateway URL"),
+)
+PARAM_NAMES = tuple(p for p, _ in PARAMS)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Default values of the template's parameters (what ``argo submit`` uses unless overridden)."""
+
+    plan: str
+    profile: str
+    image: str
+    slim_image: str
+    store: str
+    pushgateway: str
+
+    @classmethod
+    def from_platform(cls, platform: PlatformConfig, plan: str, profile: str = "cluster") -> "Defaults":
+        return cls(plan, profile, platform.image, platform.slim_image, platform.store, platform.pushgateway_url)
+
+    def value(self, name: str) -> str:
+        return {"plan": self.plan, "profile": self.profile, "image": self.image, "slim-image": self.slim_image,
+                "store": self.store, "run-id": "", "pushgateway": self.pushgateway}[name]
+
+
+def _in(name: str) -> str:
+    return "{{inputs.parameters.%s}}" % name
+
+
+def _pass_through(names: Iterable[str] = PARAM_NAMES) -> dict[str, str]:
+    """Task arguments that forward the caller's inputs unchanged."""
+    return {n: _in(n) for n in names}
+
+
+def unit_keys(stage: Stage) -> tuple[str, ...]:
+    """The ``--unit`` keys a fanned-out stage takes, read off the graph's own unit params (``of``
+    is derived by the stage from the plan, so it is not passed)."""
+    probe = PlanConfig(name="probe")
+    units = stage.units(probe)
+    return tuple(k for k, _ in units[0].params if k != "of")
+
+
+def _stage_args(stage_name: str, *extra: str) -> list[str]:
+    return [
+        "stage", stage_name,
+        "--plan", _in("plan"),
+        "--profile", _in("profile"),
+        "--store", _in("store"),
+        "--run-id", _in("run-id"),
+        *extra,
+    ]
+
+
+def _container(
+    platform: PlatformConfig,
+    *,
+    name: str,
+    args: list[str],
+    image_param: str,
+    kind: str,
+    stage: str,
+    role: str,
+    extra_inputs: tuple[str, ...] = (),
+    verdict_step: bool = False,
+) -> Container:
+    """One self-contained ``Container`` template running the ``lever`` CLI."""
+    gpu = kind == "gpu"
+    labels = {**PART_OF, pods.STAGE_LABEL: stage, pods.ROLE_LABEL: role}
+    if gpu:
+        labels[pods.GPU_LABEL] = "true"
+    return Container(
+        name=name,
+        image=_in(image_param),
+        image_pull_policy="IfNotPresent",
+        command=["lever"],
+        args=args,
+        inputs=[Parameter(name=n) for n in (*PARAM_NAMES, *extra_inputs)],
+        env=pods.env(platform, _in("pushgateway")),
+        volumes=pods.volumes(platform, gpu=gpu),
+        resources=pods.resources(platform, kind),
+        security_context=pods.container_security_context(),
+        pod_security_context=pods.pod_security_context(platform),
+        service_account_name=platform.service_account,
+        node_selector=(dict(platform.node_selector) or None) if gpu else None,
+        tolerations=pods.tolerations(platform) if gpu else None,
+        retry_strategy=pods.retry_strategy(platform, verdict_step=verdict_step),
+        labels=labels,
+    )
+
+
+def stage_template_name(stage: Stage) -> str:
+    return f"stage-{stage.name}"
+
+
+def list_template_name(stage: Stage) -> str:
+    return f"list-{stage.name}"
+
+
+def list_task_name(stage: Stage) -> str:
+    return f"list-{stage.name}"
+
+
+def _stage_templates(platform: PlatformConfig) -> list[Container]:
+    out: list[Container] = []
+    for st in STAGES:
+        keys = unit_keys(st) if st.fanout != "none" else ()
+        unit_args = [a for k in keys for a in ("--unit", f"{k}={_in(k)}")]
+        out.append(_container(
+            platform,
+            name=stage_template_name(st),
+            args=_stage_args(st.name, *unit_args),
+            image_param="image" if st.gpu else ("slim-image" if st.name == SUMMARIZE_STAGE else "image"),
+            kind="gpu" if st.gpu else "cpu",
+            stage=st.name,
+            role="stage",
+            extra_inputs=keys,
+        ))
+        if st.fanout != "none":
+            out.append(_container(
+                platform,
+                name=list_template_name(st),
+                args=_stage_args(st.name, "--list-units"),
+                image_param="slim-image",
+                kind="small",
+                stage=st.name,
+                role="list-units",
+            ))
+    out.append(_container(
+        platform,
+        name=EXIT_HANDLER,
+        args=_stage_args(SUMMARIZE_STAGE, "--allow-partial"),
+        image_param="slim-image",
+        kind="cpu",
+        stage=SUMMARIZE_STAGE,
+        role="exit-handler",
+    ))
+    return out
+
+
+def _pipeline_dag() -> DAG:
+    """One task per stage; dependencies are the stage's inputs (plus its list task)."""
+    dag = DAG(name=PIPELINE, inputs=[Parameter(name=n) for n in PARAM_NAMES])
+    with dag:
+        for st in STAGES:
+            deps = list(st.inputs)
+            if st.fanout != "none":
+                Task(name=list_task_name(st), template=list_template_name(st),
+                     arguments=_pass_through(), dependencies=deps or None)
+                items = {k: "{{item.%s}}" % k for k in unit_keys(st)}
+                Task(name=st.name, template=stage_template_name(st),
+                     arguments={**_pass_through(), **items},
+                     with_param="{{tasks.%s.outputs.result}}" % list_task_name(st),
+                     dependencies=[*deps, list_task_name(st)])
+            else:
+                Task(name=st.name, template=stage_template_name(st), arguments=_pass_through(),
+                     dependencies=deps or None)
+    return dag
+
+
+RUN_ID_EXPR = "{{=workflow.parameters['run-id'] != '' ? workflow.parameters['run-id'] : workflow.name}}"
+
+
+def _entry_dag() -> DAG:
+    dag = DAG(name=ENTRYPOINT)
+    with dag:
+        args = {n: "{{workflow.parameters.%s}}" % n for n in PARAM_NAMES}
+        args["run-id"] = RUN_ID_EXPR
+        Task(name=PIPELINE, template=PIPELINE, arguments=args)
+    return dag
+
+
+def _exit_dag() -> DAG:
+    """``onExit`` target: always runs the summarizer with ``--allow-partial``.  After a
+    successful run the summarize artifact is already committed, so this is a cheap store hit;
+    after a failure it writes the partial report."""
+    dag = DAG(name="exit-handler")
+    with dag:
+        args = {n: "{{workflow.parameters.%s}}" % n for n in PARAM_NAMES}
+        args["run-id"] = RUN_ID_EXPR
+        Task(name="summarize", template=EXIT_HANDLER, arguments=args)
+    return dag
+
+
+def workflow_spec_common(platform: PlatformConfig) -> dict[str, Any]:
+    """Spec fields shared by the template and the nightly run."""
+    return dict(
+        service_account_name=platform.service_account,
+        pod_gc=PodGC(strategy="OnPodSuccess"),
+        ttl_strategy=TTLStrategy(seconds_after_completion=7 * 24 * 3600),
+    )
+
+
+def build_pipeline_template(platform: PlatformConfig, defaults: Optional[Defaults] = None) -> WorkflowTemplate:
+    """The ``lever-pipeline`` WorkflowTemplate (installed once, by Helm or ``kubectl apply``)."""
+    defaults = defaults or Defaults.from_platform(platform, plan="baseline")
+    wt = WorkflowTemplate(
+        name=TEMPLATE_NAME,
+        labels=dict(PART_OF),
+        annotations={"workflows.argoproj.io/description": "Lever plan pipeline generated from lever.pipeline.graph.STAGES"},
+        entrypoint=ENTRYPOINT,
+        on_exit="exit-handler",
+        arguments=[Parameter(name=n, value=defaults.value(n), description=d) for n, d in PARAMS],
+        **workflow_spec_common(platform),
+    )
+    wt.templates = [*_stage_templates(platform), _pipeline_dag(), _entry_dag(), _exit_dag()]
+    return wt
+
+
+def build_plan_workflow(plan: PlanConfig, profile: str, base: PlatformConfig) -> Workflow:
+    """A ``Workflow`` that runs ``plan`` through the installed template.  Only the arguments that
+    differ from the template's defaults are written, so Helm values (image, store) still apply."""
+    args = {"plan": plan.name, "profile": profile}
+    mine = Defaults.from_platform(plan.platform, plan.name, profile)
+    theirs = Defaults.from_platform(base, plan.name, profile)
+    for n in ("image", "slim-image", "store", "pushgateway"):
+        if mine.value(n) != theirs.value(n):
+            args[n] = mine.value(n)
+    return Workflow(
+        generate_name=f"lever-{plan.name.replace('_', '-')}-",
+        labels={**PART_OF, "lever.dev/plan": plan.name},
+        workflow_template_ref=WorkflowTemplateRef(name=TEMPLATE_NAME),
+        arguments=[Parameter(name=k, value=v) for k, v in args.items()],
+    )

@@ -1,0 +1,265 @@
+"""The numbers of a report, computed from the stage inputs (pure: no files written here).
+
+Everything a researcher used to assemble by hand from the seeds' logs: per-shot accuracy of the
+plan, its baseline plan and the reference selectors, the differences with paired bootstrap
+intervals, the chosen checkpoint and why, training curves, ICD overlap with the baseline, RL-data
+diagnostics and failed LVLM evaluations.  Missing inputs become ``None`` plus an entry in
+``missing`` so a partial report (after a failed run) still says what it knows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Optional
+
+from lever.config.schema import PlanConfig
+from lever.pipeline.context import StageError, UpstreamOutput
+from lever.report.bootstrap import paired_bootstrap
+from lever.report.predictions import Cell, collect
+
+REPORT_SCHEMA = 1
+CURVE_KEYS = {  # report name -> metric names tried in order (trainers may export either)
+    "val_loss": ("val_loss",),
+    "kl": ("kl_k3", "kl", "kl_exact"),
+    "kl_exact": ("kl_exact",),
+    "ppo_loss": ("ppo_loss",),
+    "adv_std": ("adv_std",),
+    "val_reward": ("val_reward",),
+    "train_loss": ("train_loss",),
+}
+
+
+def _num(x: Any) -> Optional[float]:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(float(x)):
+        return None
+    return float(x)
+
+
+def _r(x: Optional[float], nd: int = 2) -> Optional[float]:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(x, nd)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as exc:
+                    raise StageError(f"{path}: line {lineno}: invalid JSON ({exc})") from None
+    return rows
+
+
+def training_curves(inputs: dict[str, UpstreamOutput]) -> dict[str, list[dict]]:
+    """Per-epoch rows of RCE then GRPO (metrics.jsonl), with the curve metrics picked out."""
+    out: dict[str, list[dict]] = {}
+    for stage, phase in (("train-rce", "rce"), ("train-grpo", "grpo")):
+        up = inputs.get(stage)
+        if up is None or not up.units:
+            continue
+        path = up.paths()[0] / "metrics.jsonl"
+        rows = read_jsonl(path) if path.exists() else []
+        curve = []
+        for i, row in enumerate(rows, 1):
+            item = {"epoch": int(row.get("epoch", i)), "phase": row.get("phase", phase)}
+            for name, keys in CURVE_KEYS.items():
+                item[name] = next((_num(row[k]) for k in keys if k in row), None)
+            curve.append(item)
+        out[phase] = curve
+    return out
+
+
+def reward_diagnostics(plan: PlanConfig, inputs: dict[str, UpstreamOutput]) -> Optional[dict]:
+    """Share of correct candidates, reward distribution, zero-variance groups, quality buckets
+    (plan9's thresholds: gap = max - min reward in the group, positives = ``correct``)."""
+    up = inputs.get("generate-rl-data")
+    if up is None or not up.units:
+        return None
+    from lever.rl.rewards import compute_reward
+
+    failed = 0
+    records = []
+    for d in up.paths():
+        for rec in read_jsonl(d / "rl_data.jsonl"):
+            cands = rec.get("candidates", [])
+            failed += sum(1 for c in cands if c.get("eval_failed"))
+            records.append([c for c in cands if not c.get("eval_failed")])
+    rc = plan.reward
+    cur = plan.grpo.curriculum
+    rewards: list[float] = []
+    correct = 0
+    zero_var = 0
+    sizes = []
+    buckets = {"high": 0, "medium": 0, "low": 0}
+    for cands in records:
+        rs = []
+        pos = neg = 0
+        for c in cands:
+            try:
+                r = compute_reward(c, rc.mode, hard_weight=rc.hard_weight, soft_weight=rc.soft_weight,
+                                   rel_weight=rc.rel_weight, alpha=rc.alpha, beta=rc.beta)
+            except ValueError as exc:
+                raise StageError(f"RL data candidate: {exc}") from None
+            rs.append(r)
+            if c.get("correct"):
+                pos += 1
+            else:
+                neg += 1
+        rewards.extend(rs)
+        correct += pos
+        sizes.append(len(cands))
+        if len(rs) < 2 or max(rs) == min(rs):
+            zero_var += 1
+        gap = (max(rs) - min(rs)) if rs else 0.0
+        if gap >= cur.high_gap and pos >= cur.high_min_each and neg >= cur.high_min_each:
+            buckets["high"] += 1
+        elif gap >= cur.medium_gap and pos >= cur.medium_min_each and neg >= cur.medium_min_each:
+            buckets["medium"] += 1
+        else:
+            buckets["low"] += 1
+    n = len(rewards)
+    hist = _histogram(rewards, 10)
+    return {
+        "queries": len(records),
+        "candidates": n,
+        "correct_share": _r(correct / n, 4) if n else None,
+        "reward_mode": rc.mode,
+        "reward": {
+            "mean": _r(statistics.fmean(rewards), 4) if n else None,
+            "std": _r(statistics.pstdev(rewards), 4) if n else None,
+            "min": _r(min(rewards), 4) if n else None,
+            "max": _r(max(rewards), 4) if n else None,
+            "quantiles": [_r(q, 4) for q in statistics.quantiles(rewards, n=4)] if n >= 2 else None,
+            "histogram": hist,
+        },
+        "zero_variance_groups": zero_var,
+        "zero_variance_share": _r(zero_var / len(records), 4) if records else None,
+        "group_size": {"min": min(sizes) if sizes else 0, "max": max(sizes) if sizes else 0,
+                       "mean": _r(statistics.fmean(sizes), 2) if sizes else 0},
+        "quality_buckets": buckets,
+        "eval_failed": failed,
+        "_rewards": rewards,  # for the plot; dropped before writing
+    }
+
+
+def _histogram(values: list[float], bins: int) -> Optional[dict]:
+    if not values:
+        return None
+    lo, hi = min(values), max(values)
+    if hi == lo:
+        return {"edges": [lo, hi], "counts": [len(values)]}
+    width = (hi - lo) / bins
+    counts = [0] * bins
+    for v in values:
+        counts[min(bins - 1, int((v - lo) / width))] += 1
+    return {"edges": [round(lo + i * width, 4) for i in range(bins + 1)], "counts": counts}
+
+
+def icd_overlap(a: Cell, b: Cell) -> dict:
+    """How often plan and baseline chose the same ICDs for the same question."""
+    common = sorted(set(a.rows) & set(b.rows))
+    if not common:
+        return {"n": 0, "identical_set_share": None, "identical_sequence_share": None, "mean_jaccard": None}
+    same_set = same_seq = 0
+    jac = 0.0
+    for q in common:
+        x, y = list(a.rows[q]["icd_ids"]), list(b.rows[q]["icd_ids"])
+        sx, sy = set(x), set(y)
+        same_set += sx == sy
+        same_seq += x == y
+        jac += len(sx & sy) / len(sx | sy) if (sx | sy) else 1.0
+    n = len(common)
+    return {"n": n, "identical_set_share": round(same_set / n, 4), "identical_sequence_share": round(same_seq / n, 4),
+            "mean_jaccard": round(jac / n, 4)}
+
+
+def build_report(plan: PlanConfig, baseline: Optional[PlanConfig], inputs: dict[str, UpstreamOutput],
+                 baseline_inputs: dict[str, UpstreamOutput], *, partial: bool = False,
+                 missing: Optional[list[str]] = None) -> dict:
+    shots = list(plan.infer.shots)
+    infer = inputs.get("infer")
+    cells = collect(infer.units) if infer is not None else {}
+    base_cells: dict = {}
+    if baseline_inputs.get("infer") is not None:
+        base_cells = collect(baseline_inputs["infer"].units, variants=["selector"])
+    refs = [v for v in (plan.report.references or plan.infer.baselines)]
+    rows: dict[str, dict[int, Optional[Cell]]] = {"plan": {s: cells.get(("selector", s)) for s in shots}}
+    if baseline is not None:
+        rows["baseline"] = {s: base_cells.get(("selector", s)) for s in shots}
+    for v in refs:
+        rows[v] = {s: cells.get((v, s)) for s in shots}
+
+    accuracy = {name: {str(s): (_r(c.accuracy) if c and c.n else None) for s, c in r.items()} for name, r in rows.items()}
+    counts = {name: {str(s): (c.n if c else 0) for s, c in r.items()} for name, r in rows.items()}
+    incomplete = sorted(f"{name} shot {s}" for name, r in rows.items() for s, c in r.items() if c is None or not c.complete)
+
+    comparison = []
+    samples, conf = plan.report.bootstrap_samples, plan.report.confidence
+    for s in shots:
+        a, b = rows["plan"].get(s), rows.get("baseline", {}).get(s)
+        entry: dict[str, Any] = {"shot": s, "plan": accuracy["plan"][str(s)],
+                                 "baseline": accuracy.get("baseline", {}).get(str(s))}
+        if a and b and a.n and b.n:
+            common = sorted(set(a.rows) & set(b.rows))
+            ci = paired_bootstrap([a.rows[q]["accuracy"] for q in common], [b.rows[q]["accuracy"] for q in common],
+                                  samples=samples, confidence=conf, seed=plan.infer.seed * 1000 + s)
+            entry.update({"diff": _r(entry["plan"] - entry["baseline"]), "paired": ci.as_dict(100.0)})
+        else:
+            entry.update({"diff": None, "paired": None})
+        comparison.append(entry)
+
+    def avg(name: str) -> Optional[float]:
+        vals = [accuracy[name][str(s)] for s in shots]
+        return _r(statistics.fmean(vals)) if vals and all(v is not None for v in vals) else None
+
+    averages = {name: avg(name) for name in rows}
+    diffs = [c["diff"] for c in comparison if c["diff"] is not None]
+    margin = plan.alerts.regression_margin
+    worst = min(diffs) if diffs else None
+    regression = {"margin_points": margin, "detected": bool(worst is not None and worst < -margin),
+                  "reason": (f"shot {comparison[[c['diff'] for c in comparison].index(worst)]['shot']} is "
+                             f"{-worst:.2f} points below the baseline (margin {margin})") if worst is not None and worst < -margin else ""}
+
+    overlap = {}
+    if baseline is not None:
+        for s in shots:
+            a, b = rows["plan"].get(s), rows["baseline"].get(s)
+            overlap[str(s)] = icd_overlap(a, b) if a and b else None
+
+    selected = None
+    sel = inputs.get("select-checkpoint")
+    if sel is not None and sel.units and (sel.paths()[0] / "selected.json").exists():
+        selected = json.loads((sel.paths()[0] / "selected.json").read_text())
+
+    failed_pred = {name: sum((c.failed if c else 0) for c in r.values()) for name, r in rows.items()}
+    rd = reward_diagnostics(plan, inputs)
+    missing = list(missing or [])
+    return {
+        "schema_version": REPORT_SCHEMA,
+        "plan": plan.name,
+        "description": plan.description,
+        "baseline_plan": baseline.name if baseline is not None else None,
+        "partial": bool(partial or missing or incomplete),
+        "missing": missing,
+        "incomplete_cells": incomplete,
+        "shots": shots,
+        "units": "accuracy in percent (VQA accuracy x 100); predictions files hold 0..1",
+        "accuracy": accuracy,
+        "n": counts,
+        "comparison": comparison,
+        "average": averages,
+        "average_diff": _r(averages["plan"] - averages["baseline"]) if averages.get("baseline") is not None and averages["plan"] is not None else None,
+        "shots_improved": sum(1 for d in diffs if d > 0),
+        "shots_compared": len(diffs),
+        "regression": regression,
+        "checkpoint": selected,
+        "training": training_curves(inputs),
+        "icd_overlap": overlap,
+        "reward_data": rd,
+        "failed_evaluations": {"predictions": failed_pred, "rl_data": rd["eval_failed"] if rd else None},
+        "bootstrap": {"samples": samples, "confidence": conf, "paired_by": "question_id"},
+    }

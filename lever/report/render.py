@@ -1,0 +1,131 @@
+"""Markdown rendering of a report dict (``build.build_report``).  Kept separate from the numbers
+so the JSON stays the source of truth and the Markdown can change freely."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+MISSING = "—"
+
+
+def _f(x: Optional[float], nd: int = 2, sign: bool = False) -> str:
+    if x is None:
+        return MISSING
+    return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def render_markdown(rep: dict[str, Any], plots: list[str]) -> str:
+    L: list[str] = []
+    L.append(f"# Lever report: {rep['plan']}" + (f" vs {rep['baseline_plan']}" if rep["baseline_plan"] else ""))
+    L.append("")
+    if rep.get("description"):
+        L.append(f"_{rep['description']}_")
+        L.append("")
+    if rep["partial"]:
+        L.append("> **Partial report.** Some inputs are missing; sections without data are marked "
+                 f"{MISSING}.")
+        for m in rep["missing"][:50]:
+            L.append(f"> - missing: `{m}`")
+        for m in rep["incomplete_cells"][:50]:
+            L.append(f"> - incomplete: {m}")
+        L.append("")
+    L.append("## Accuracy per shot (VQA accuracy, %)")
+    L.append("")
+    names = list(rep["accuracy"])
+    has_base = rep["baseline_plan"] is not None
+    header = ["shot"] + names + (["diff", f"{int(rep['bootstrap']['confidence'] * 100)}% CI (paired bootstrap)", "n"] if has_base else ["n"])
+    rows = []
+    for c in rep["comparison"]:
+        s = str(c["shot"])
+        row = [s] + [_f(rep["accuracy"][n][s]) for n in names]
+        if has_base:
+            p = c["paired"]
+            ci = f"[{p['low']:+.2f}, {p['high']:+.2f}]" + (" *" if p["significant"] else "") if p else MISSING
+            row += [_f(c["diff"], sign=True), ci, str(p["n"]) if p else MISSING]
+        else:
+            row += [str(rep["n"]["plan"][s])]
+        rows.append(row)
+    avg_row = ["avg"] + [_f(rep["average"][n]) for n in names]
+    if has_base:
+        avg_row += [_f(rep["average_diff"], sign=True), "", ""]
+    else:
+        avg_row += [""]
+    rows.append(avg_row)
+    L += _table(header, rows)
+    L.append("")
+    if has_base:
+        L.append(f"Shots improved over the baseline: **{rep['shots_improved']} / {rep['shots_compared']}**. "
+                 "`*` marks intervals that exclude 0.")
+        reg = rep["regression"]
+        L.append(f"Regression check (any shot more than {reg['margin_points']} points below the baseline): "
+                 + (f"**REGRESSION** — {reg['reason']}" if reg["detected"] else "none"))
+        L.append("")
+    L.append("## Chosen checkpoint")
+    L.append("")
+    ck = rep.get("checkpoint")
+    if ck:
+        L.append(f"`{ck.get('checkpoint')}` (stage {ck.get('stage')}, epoch {ck.get('epoch')}, strategy "
+                 f"`{ck.get('strategy')}`): {ck.get('reason', '')}")
+    else:
+        L.append(MISSING)
+    L.append("")
+    L.append("## Training curves")
+    L.append("")
+    tr = rep.get("training") or {}
+    if any(tr.values()):
+        cols = ["val_loss", "kl", "kl_exact", "ppo_loss", "adv_std", "val_reward"]
+        rows = []
+        for phase, curve in tr.items():
+            for e in curve:
+                rows.append([phase, str(e["epoch"])] + [_f(e.get(k), 4) for k in cols])
+        L += _table(["phase", "epoch"] + cols, rows)
+    else:
+        L.append(MISSING + " (no training metrics)")
+    L.append("")
+    L.append("## ICD overlap with the baseline")
+    L.append("")
+    ov = rep.get("icd_overlap") or {}
+    if ov and any(v for v in ov.values()):
+        rows = [[s, str(v["n"]), _f(v["identical_set_share"] * 100 if v["identical_set_share"] is not None else None, 1),
+                 _f(v["identical_sequence_share"] * 100 if v["identical_sequence_share"] is not None else None, 1),
+                 _f(v["mean_jaccard"], 3)] if v else [s, MISSING, MISSING, MISSING, MISSING] for s, v in ov.items()]
+        L += _table(["shot", "queries", "identical ICD set %", "identical sequence %", "mean Jaccard"], rows)
+    else:
+        L.append(MISSING)
+    L.append("")
+    L.append("## RL data diagnostics")
+    L.append("")
+    rd = rep.get("reward_data")
+    if rd:
+        rw = rd["reward"]
+        L.append(f"- queries: {rd['queries']}, candidates: {rd['candidates']} (group size {rd['group_size']['min']}–"
+                 f"{rd['group_size']['max']}, mean {rd['group_size']['mean']})")
+        L.append(f"- correct candidates: {_f(rd['correct_share'] * 100 if rd['correct_share'] is not None else None, 1)}%")
+        L.append(f"- reward (`{rd['reward_mode']}`): mean {_f(rw['mean'], 3)}, std {_f(rw['std'], 3)}, "
+                 f"min {_f(rw['min'], 3)}, max {_f(rw['max'], 3)}, quartiles {rw['quantiles']}")
+        L.append(f"- zero-variance groups: {rd['zero_variance_groups']} "
+                 f"({_f(rd['zero_variance_share'] * 100 if rd['zero_variance_share'] is not None else None, 1)}%)")
+        qb = rd["quality_buckets"]
+        L.append(f"- quality buckets: high {qb['high']}, medium {qb['medium']}, low {qb['low']}")
+    else:
+        L.append(MISSING)
+    L.append("")
+    L.append("## Failed LVLM evaluations")
+    L.append("")
+    fe = rep["failed_evaluations"]
+    L.append("- predictions (excluded from the accuracies): " + ", ".join(f"{k} {v}" for k, v in fe["predictions"].items()))
+    L.append(f"- RL data candidates (excluded from training): {fe['rl_data'] if fe['rl_data'] is not None else MISSING}")
+    L.append("")
+    if plots:
+        L.append("## Plots")
+        L.append("")
+        for p in plots:
+            L.append(f"![{p}]({p})")
+        L.append("")
+    return "\n".join(L)

@@ -1,0 +1,213 @@
+"""GRPO for the pointer selector (SPEC section 4), fixing what the seeds' diagnosis found.
+
+Per query group: advantages by rank or z-score (:func:`~lever.rl.advantage.group_advantages`);
+rows of zero-variance groups are excluded from the loss mean.  Per row:
+``ppo = -min(ratio*A, clip(ratio, 1-eps, 1+eps)*A)``, ratio = exp(clamp(logp - logp_old)), and the
+loss is ``mean(ppo) + beta * mean(KL)`` over the active rows, KL = k3 (sequence level) or exact
+(sum over steps of KL between the full candidate distributions), per ``grpo.kl_estimator``; both
+are reported.
+
+* Dropout is off for every log-prob (the model runs in eval mode; gradients still flow).
+* Old policy = the policy at the start of each round of ``updates_per_round`` optimizer steps (a
+  frozen copy; with 1 update per round it is the current forward, detached, so ratio == 1 exactly).
+* Reference = the RCE result (or v2, or none).  With ``none`` the KL term is dropped from the loss
+  and the reported KL is measured against the starting policy, for monitoring only.
+* Adaptive beta: after each epoch, beta *= factor when the KL in use > kl_high, /= factor when
+  < kl_low.  PPO-clip only = kl_beta 0.
+* freeze_backbone trains only the scoring layers ``score_q`` / ``score_c`` (the final projections
+  of the query state and the candidate keys); everything before them is frozen.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from tqdm import tqdm
+
+from lever.rl.advantage import group_advantages, zero_variance_groups
+from lever.rl.groups import GroupData, batch_step_logprobs, scatter_rows
+from lever.rl.losses import kl_k3, ppo_terms
+from lever.rl.rce import reward_stats
+from lever.rl.trainer import EpochRecorder, check_finite, clip_and_check, mean
+from lever.rl.validation import evaluate
+from lever.selectors.pointer import SCORING_PREFIXES, PointerSelector, entropy, exact_kl, gather_sequence
+
+SaveFn = Callable[[PointerSelector, int, dict], None]
+
+
+def frozen_copy(model: PointerSelector) -> PointerSelector:
+    m = copy.deepcopy(model)
+    m.eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def set_trainable(model: PointerSelector, freeze_backbone: bool) -> list[torch.nn.Parameter]:
+    """Mark what GRPO trains; returns those parameters."""
+    out = []
+    for name, p in model.named_parameters():
+        train = (not freeze_backbone) or name.startswith(SCORING_PREFIXES)
+        p.requires_grad_(train)
+        if train:
+            out.append(p)
+    return out
+
+
+def advantages_for(data: GroupData, cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded advantages [Q, G] and active mask [Q, G] (real rows of groups with variance)."""
+    rq, rg = data.rows()
+    r = data.rewards[rq, rg]
+    mode = "rank" if cfg.rank_advantage else "zscore"
+    adv = group_advantages(r, rq, mode=mode, min_std=cfg.min_std, clip=cfg.adv_clip).float()
+    active = ~zero_variance_groups(r, rq)
+    shape = tuple(data.rewards.shape)
+    return scatter_rows(adv, rq, rg, shape), torch.zeros(shape, dtype=torch.bool).index_put((rq, rg), active)
+
+
+@dataclass
+class GRPOBatch:
+    """Everything one GRPO step computes for a batch of query groups (rows = real candidates)."""
+
+    loss: Optional[torch.Tensor]  # None when no row belongs to a group with reward variance
+    ppo: torch.Tensor  # scalar, mean over active rows
+    ratio: torch.Tensor  # [N]
+    clipped: torch.Tensor  # [N] bool
+    k3: torch.Tensor  # [N]
+    exact: torch.Tensor  # [N]
+    active: torch.Tensor  # [N] bool
+    entropy: float
+
+
+def grpo_batch(
+    model: PointerSelector,
+    ref: PointerSelector,
+    old: Optional[PointerSelector],
+    emb: torch.Tensor,
+    data: GroupData,
+    qsel: torch.Tensor,
+    adv_all: torch.Tensor,
+    active_all: torch.Tensor,
+    cfg: Any,
+    beta: float,
+) -> GRPOBatch:
+    """The GRPO loss of the groups ``qsel`` (all sizes in one padded pass).  ``old=None``: the old
+    policy is the current one (detached); ``beta=0`` drops the KL term (it is still measured)."""
+    step_lp, seqs, rq, rg = batch_step_logprobs(model, emb, data, qsel)
+    logp = gather_sequence(step_lp, seqs)
+    qi = qsel[rq]
+    A = adv_all[qi, rg]
+    act = active_all[qi, rg]
+    with torch.no_grad():
+        old_logp = logp.detach() if old is None else gather_sequence(batch_step_logprobs(old, emb, data, qsel)[0], seqs)
+        ref_step = batch_step_logprobs(ref, emb, data, qsel)[0]
+        ref_logp = gather_sequence(ref_step, seqs)
+    ppo_i, ratio, clipped = ppo_terms(logp, old_logp, A, eps=cfg.clip_eps, log_ratio_clamp=cfg.log_ratio_clamp)
+    k3_i = kl_k3(logp, ref_logp)
+    ex_i = exact_kl(step_lp, ref_step)
+    ent = float(entropy(step_lp.detach()).mean())
+    if not bool(act.any()):
+        return GRPOBatch(None, ppo_i.new_zeros(()), ratio.detach(), clipped, k3_i.detach(), ex_i.detach(), act, ent)
+    ppo = ppo_i[act].mean()
+    kl_term = (k3_i if cfg.kl_estimator == "k3" else ex_i)[act].mean()
+    loss = ppo + beta * kl_term
+    return GRPOBatch(loss, ppo, ratio.detach(), clipped, k3_i, ex_i, act, ent)
+
+
+def run_grpo(
+    model: PointerSelector,
+    emb: torch.Tensor,
+    train: GroupData,
+    val: GroupData,
+    cfg: Any,
+    *,
+    epochs: int,
+    reference: Optional[PointerSelector],
+    recorder: EpochRecorder,
+    save: Optional[SaveFn] = None,
+    seed: int = 0,
+    start_epoch: int = 1,
+    phase: str = "grpo",
+    beta: Optional[float] = None,
+    extra: Optional[dict] = None,
+) -> tuple[list[dict], float, bool]:
+    """Train ``model`` in place (GRPOConfig ``cfg``) for ``epochs``; epochs are numbered from
+    ``start_epoch``.  Returns (rows, final beta, stopped-by-hook)."""
+    beta = cfg.kl_beta if beta is None else beta
+    if epochs == 0 or len(train) == 0:
+        return [], beta, False
+    model.eval()  # dropout off for all GRPO log-probs
+    params = set_trainable(model, cfg.freeze_backbone)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    use_kl = reference is not None
+    ref = reference if reference is not None else frozen_copy(model)
+    adv_all, active_all = advantages_for(train, cfg)
+    rq_all, rg_all = train.rows()
+    adv_rows = adv_all[rq_all, rg_all]
+    stats = reward_stats(train)
+    gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
+    old: Optional[PointerSelector] = None
+    since_refresh = 0
+    global_step = (start_epoch - 1) * steps_per_epoch
+    rows = []
+    for epoch in range(start_epoch, start_epoch + epochs):
+        perm = torch.randperm(len(train), generator=gen)
+        acc: dict[str, list[float]] = {k: [] for k in ("loss", "ppo", "k3", "exact", "clip", "ent", "gn")}
+        skipped = 0
+        bar = tqdm(range(steps_per_epoch), desc=f"{phase} epoch {epoch}", leave=False, disable=None)
+        for i in bar:
+            qsel = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            if since_refresh == 0:
+                # the round starts here: old policy == current policy (ratio exactly 1)
+                old = frozen_copy(model) if cfg.updates_per_round > 1 else None
+                fresh = True
+            else:
+                fresh = False
+            bt = grpo_batch(model, ref, None if fresh else old, emb, train, qsel, adv_all, active_all, cfg,
+                            beta if use_kl else 0.0)
+            if bt.loss is None:
+                skipped += 1
+                global_step += 1
+                continue
+            loss, act, ppo, k3_i, ex_i, clipped, ent = bt.loss, bt.active, bt.ppo, bt.k3, bt.exact, bt.clipped, bt.entropy
+            lv = check_finite(loss, "loss", phase, epoch, global_step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gn = clip_and_check(params, cfg.grad_clip, phase, epoch, global_step)
+            opt.step()
+            since_refresh = (since_refresh + 1) % cfg.updates_per_round
+            k3v, exv = float(k3_i.detach()[act].mean()), float(ex_i.detach()[act].mean())
+            cf = float(clipped[act].float().mean())
+            for k, v in (("loss", lv), ("ppo", float(ppo.detach())), ("k3", k3v), ("exact", exv), ("clip", cf),
+                         ("ent", ent), ("gn", gn)):
+                acc[k].append(v)
+            recorder.step(phase, global_step, {"epoch": epoch, "loss": lv, "ppo_loss": float(ppo.detach()), "kl_k3": k3v,
+                                               "kl_exact": exv, "clip_frac": cf, "grad_norm": gn, "beta": beta,
+                                               "ratio_min": float(bt.ratio.min()), "ratio_max": float(bt.ratio.max())})
+            bar.set_postfix(loss=f"{lv:.4f}", kl=f"{k3v:.4f}")
+            global_step += 1
+        v = evaluate(model, emb, val)
+        a = adv_rows[active_all[rq_all, rg_all]]
+        row = {
+            "train_loss": mean(acc["loss"]), **v, "ppo_loss": mean(acc["ppo"]), "kl_k3": mean(acc["k3"]),
+            "kl_exact": mean(acc["exact"]), "adv_std": float(adv_rows.std()) if adv_rows.numel() > 1 else 0.0,
+            "adv_max": float(a.abs().max()) if a.numel() else 0.0, "beta": beta if use_kl else 0.0,
+            **stats, "clip_frac": mean(acc["clip"]), "entropy": mean(acc["ent"]), "grad_norm": mean(acc["gn"]),
+            "skipped_steps": skipped, **(extra or {}),
+        }
+        if save is not None:
+            save(model, epoch, row)
+        rows.append(row)
+        if use_kl and cfg.adaptive_beta.enabled and beta > 0:
+            kl_used = row["kl_k3"] if cfg.kl_estimator == "k3" else row["kl_exact"]
+            if kl_used is not None and kl_used > cfg.adaptive_beta.kl_high:
+                beta *= cfg.adaptive_beta.factor
+            elif kl_used is not None and kl_used < cfg.adaptive_beta.kl_low:
+                beta /= cfg.adaptive_beta.factor
+        if recorder.epoch(phase, epoch, row):
+            return rows, beta, True
+    return rows, beta, False

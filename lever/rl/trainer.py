@@ -1,0 +1,106 @@
+"""Utilities shared by the v2, RCE and GRPO loops: the per-epoch record, hooks, finite checks.
+
+``metrics.jsonl`` and ``steps.jsonl`` are rewritten atomically after every epoch, so a killed run
+leaves complete lines for the epochs it finished (the stage dir survives a kill).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from rich.console import Console
+
+from lever.pipeline.context import StageError
+from lever.selectors.checkpoint import atomic_write_bytes, atomic_write_json
+
+EpochHook = Callable[[str, int, dict], Optional[str]]
+
+#: every per-epoch key (SPEC section 4); quantities a phase does not have are written as null
+EPOCH_KEYS: tuple[str, ...] = (
+    "phase", "epoch", "train_loss", "val_loss", "val_reward", "ppo_loss", "kl_k3", "kl_exact",
+    "adv_std", "adv_max", "beta", "reward_mean", "reward_std", "zero_std_frac", "clip_frac",
+    "entropy", "grad_norm",
+)
+_TABLE = ("epoch", "train_loss", "val_loss", "val_reward", "ppo_loss", "kl_k3", "kl_exact", "adv_std", "beta", "grad_norm")
+
+
+class NonFiniteError(StageError):
+    """A loss or gradient norm became NaN/inf: training stops instead of writing NaN weights."""
+
+
+def check_finite(value: torch.Tensor | float, what: str, phase: str, epoch: int, step: int) -> float:
+    v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+    if not math.isfinite(v):
+        raise NonFiniteError(f"{phase}: non-finite {what} ({v}) at epoch {epoch}, step {step}; stopping")
+    return v
+
+
+def clip_and_check(params: list[torch.nn.Parameter], max_norm: float, phase: str, epoch: int, step: int) -> float:
+    """Clip gradients to ``max_norm`` and return the pre-clip norm; a NaN/inf norm raises."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return check_finite(norm, "grad norm", phase, epoch, step)
+
+
+class EpochRecorder:
+    """Writes metrics.jsonl / steps.jsonl, prints a table row, feeds telemetry and stop hooks."""
+
+    def __init__(self, out: Path, telemetry: Any = None, hooks: Optional[list[EpochHook]] = None,
+                 console: Optional[Console] = None) -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.telemetry = telemetry
+        self.hooks = list(hooks or [])
+        self.console = console or Console(stderr=True, width=160)
+        self.epochs: list[dict] = []
+        self.steps: list[dict] = []
+        self._header = False
+        self.stopped: Optional[dict] = None
+        atomic_write_bytes(self.out / "metrics.jsonl", b"")
+
+    def step(self, phase: str, step: int, metrics: dict) -> None:
+        row = {"phase": phase, "step": step, **metrics}
+        self.steps.append(row)
+        if self.telemetry is not None:
+            self.telemetry.step(phase, step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+    def epoch(self, phase: str, epoch: int, metrics: dict) -> Optional[str]:
+        """Record one epoch; returns a stop reason if a hook asked to stop (stopped.json written)."""
+        row = {k: None for k in EPOCH_KEYS}
+        row.update(metrics)
+        row["phase"], row["epoch"] = phase, epoch
+        self.epochs.append(row)
+        body = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.epochs)
+        atomic_write_bytes(self.out / "metrics.jsonl", body.encode("utf-8"))
+        body = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.steps)
+        atomic_write_bytes(self.out / "steps.jsonl", body.encode("utf-8"))
+        self._print(phase, row)
+        if self.telemetry is not None:
+            self.telemetry.epoch(phase, epoch, {k: v for k, v in row.items()
+                                                if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        for hook in self.hooks:
+            reason = hook(phase, epoch, dict(row))
+            if reason:
+                self.stopped = {"phase": phase, "epoch": epoch, "reason": str(reason)}
+                atomic_write_json(self.out / "stopped.json", self.stopped)
+                self.console.print(f"[bold red]{phase}: stopped after epoch {epoch}: {reason}")
+                return str(reason)
+        return None
+
+    def _print(self, phase: str, row: dict) -> None:
+        def fmt(v: Any) -> str:
+            if v is None:
+                return "-"
+            return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+        if not self._header:
+            self.console.print(" | ".join(f"{c:>10}" for c in ("phase",) + _TABLE))
+            self._header = True
+        self.console.print(" | ".join(f"{fmt(row.get(c) if c != 'phase' else phase):>10}" for c in ("phase",) + _TABLE))
+
+
+def mean(xs: list[float]) -> Optional[float]:
+    return float(sum(xs) / len(xs)) if xs else None

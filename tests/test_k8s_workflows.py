@@ -1,0 +1,366 @@
+"""Argo manifests built from the stage graph: structure, official (closed) schemas, drift, CLI.
+
+Schemas come from ../shared/schemas (``$LEVER_SHARED_DIR`` overrides); tests that need them skip
+with a clear reason only when no such folder exists above the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lever.config import list_plans, load_plan
+from lever.pipeline.graph import STAGES
+from lever.platform import render, validation
+from lever.platform.pods import RETRY_EXPRESSION
+from lever.platform.workflows import (
+    EXIT_HANDLER,
+    PIPELINE,
+    TEMPLATE_NAME,
+    list_task_name,
+    stage_template_name,
+    unit_keys,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shared() -> Path:
+    found = validation.find_shared_dir(ROOT)
+    if found is None:
+        pytest.skip("no shared/schemas folder above the repository and LEVER_SHARED_DIR unset: "
+                    "official Argo schemas unavailable")
+    return found
+
+
+@pytest.fixture(scope="module")
+def files() -> dict[str, str]:
+    return render.rendered_files()
+
+
+@pytest.fixture(scope="module")
+def template(files) -> dict:
+    return yaml.safe_load(files["workflows/lever-pipeline-template.yaml"])
+
+
+@pytest.fixture(scope="module")
+def cron(files) -> dict:
+    return yaml.safe_load(files["workflows/nightly-cron.yaml"])
+
+
+def _templates(doc: dict) -> dict[str, dict]:
+    spec = doc["spec"].get("workflowSpec", doc["spec"])
+    return {t["name"]: t for t in spec["templates"]}
+
+
+def _tasks(doc: dict, dag: str) -> dict[str, dict]:
+    return {t["name"]: t for t in _templates(doc)[dag]["dag"]["tasks"]}
+
+
+def _params(task_or_spec: dict) -> dict[str, str]:
+    return {p["name"]: p.get("value") for p in task_or_spec.get("arguments", {}).get("parameters", [])}
+
+
+# ------------------------------------------------------------------ the DAG follows the graph
+
+def test_one_task_per_stage_wired_by_inputs(template):
+    tasks = _tasks(template, PIPELINE)
+    expected = {s.name for s in STAGES} | {list_task_name(s) for s in STAGES if s.fanout != "none"}
+    assert set(tasks) == expected
+    for st in STAGES:
+        task = tasks[st.name]
+        assert task["template"] == stage_template_name(st)
+        deps = set(task.get("dependencies", []))
+        if st.fanout == "none":
+            assert deps == set(st.inputs), st.name
+            assert "withParam" not in task
+        else:
+            lst = list_task_name(st)
+            assert deps == set(st.inputs) | {lst}, st.name
+            assert task["withParam"] == "{{tasks.%s.outputs.result}}" % lst
+            assert set(tasks[lst].get("dependencies", [])) == set(st.inputs)
+
+
+def test_fanout_units_match_the_runner_contract(template):
+    # the pipeline contract: shard=i for sharded stages, variant/shot/shard for infer
+    kinds = {s.fanout: unit_keys(s) for s in STAGES if s.fanout != "none"}
+    assert kinds == {"shard": ("shard",), "infer": ("variant", "shot", "shard")}
+    tmpl = _templates(template)
+    tasks = _tasks(template, PIPELINE)
+    for st in (s for s in STAGES if s.fanout != "none"):
+        args = tmpl[stage_template_name(st)]["container"]["args"]
+        for k in unit_keys(st):
+            assert f"{k}={{{{inputs.parameters.{k}}}}}" in args
+            assert args[args.index(f"{k}={{{{inputs.parameters.{k}}}}}") - 1] == "--unit"
+            assert _params(tasks[st.name])[k] == "{{item.%s}}" % k
+        lister = tmpl[list_task_name(st)]["container"]["args"]
+        assert lister[:2] == ["stage", st.name] and "--list-units" in lister
+
+
+def test_stage_commands_follow_the_cli_contract(template):
+    tmpl = _templates(template)
+    for st in STAGES:
+        c = tmpl[stage_template_name(st)]["container"]
+        assert c["command"] == ["lever"]
+        a = c["args"]
+        assert a[:2] == ["stage", st.name]
+        for flag in ("--plan", "--profile", "--store", "--run-id"):
+            assert a[a.index(flag) + 1] == "{{inputs.parameters.%s}}" % flag[2:]
+
+
+def test_gpu_stages_request_gpus_shm_and_placement(template):
+    platform = render.cluster_platform()
+    tmpl = _templates(template)
+    gpu_stages = [s for s in STAGES if s.gpu]
+    assert gpu_stages and any(not s.gpu for s in STAGES)
+    for st in STAGES:
+        t = tmpl[stage_template_name(st)]
+        res = t["container"]["resources"]
+        mounts = {m["name"]: m["mountPath"] for m in t["container"]["volumeMounts"]}
+        vols = {v["name"]: v for v in t["volumes"]}
+        if st.gpu:
+            assert res["limits"]["nvidia.com/gpu"] == str(platform.gpu_per_pod)
+            assert res["requests"]["nvidia.com/gpu"] == str(platform.gpu_per_pod)
+            assert mounts["dshm"] == "/dev/shm" and vols["dshm"]["emptyDir"]["medium"] == "Memory"
+            assert t["metadata"]["labels"]["lever.dev/gpu"] == "true"
+            assert t.get("nodeSelector") == (platform.node_selector or None)
+        else:
+            assert "nvidia.com/gpu" not in res.get("limits", {})
+            assert "dshm" not in mounts and "nodeSelector" not in t
+
+
+def test_gpu_placement_comes_from_config():
+    from lever.config.schema import PlatformConfig
+    from lever.platform.workflows import build_pipeline_template
+
+    cfg = PlatformConfig(gpu_per_pod=4, node_selector={"pool": "a100"},
+                         tolerations=[{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}])
+    doc = build_pipeline_template(cfg).to_dict()
+    t = _templates(doc)["stage-train-grpo"]
+    assert t["nodeSelector"] == {"pool": "a100"}
+    assert t["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert t["container"]["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert "nodeSelector" not in _templates(doc)["stage-convert"]
+
+
+def test_every_pod_template_retries_infrastructure_failures_only(template, cron):
+    for doc in (template, cron):
+        for name, t in _templates(doc).items():
+            if "container" not in t:
+                continue
+            rs = t["retryStrategy"]
+            assert rs["retryPolicy"] == "Always" and int(rs["limit"]) >= 1, name
+            assert rs["backoff"]["duration"] and int(rs["backoff"]["factor"]) >= 2, name
+            if name == "regress":  # exit 1 is the verdict: only Error nodes are retried
+                assert rs["expression"] == 'lastRetry.status == "Error"'
+            else:
+                assert rs["expression"] == RETRY_EXPRESSION
+                assert 'lastRetry.exitCode != "2"' in rs["expression"]
+
+
+def test_pods_are_locked_down_and_reference_the_secret(template, cron):
+    for doc in (template, cron):
+        for name, t in _templates(doc).items():
+            if "container" not in t:
+                continue
+            c = t["container"]
+            assert t["securityContext"]["runAsNonRoot"] is True and t["securityContext"]["runAsUser"] > 0
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+            assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/tmp", "/cache"}
+            env = {e["name"]: e for e in c["env"]}
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION"):
+                assert "value" not in env[key], f"{name}: {key} must come from the Secret"
+                assert env[key]["valueFrom"]["secretKeyRef"]["key"] == key
+            assert env["LEVER_PUSHGATEWAY_URL"]["value"] == "{{inputs.parameters.pushgateway}}"
+            assert t["serviceAccountName"] == render.cluster_platform().service_account
+
+
+def test_exit_handler_always_runs_partial_summary(template):
+    spec = template["spec"]
+    handler = _templates(template)[spec["onExit"]]
+    (task,) = handler["dag"]["tasks"]
+    assert "when" not in task  # always, not only on failure
+    args = _templates(template)[task["template"]]["container"]["args"]
+    assert task["template"] == EXIT_HANDLER
+    assert args[:2] == ["stage", "summarize"] and "--allow-partial" in args
+
+
+def test_template_parameters(template):
+    params = _params(template["spec"])
+    assert set(params) >= {"plan", "profile", "image", "store", "run-id"}
+    assert params["plan"] == render.recommended_plan() and params["profile"] == "cluster"
+    assert all(validation.image_is_pinned(params[k]) for k in ("image", "slim-image"))
+    entry = _tasks(template, template["spec"]["entrypoint"])[PIPELINE]
+    assert "workflow.name" in _params(entry)["run-id"]  # empty run-id falls back to the workflow name
+
+
+def test_plan_workflows_reference_the_template(files):
+    for name in list_plans():
+        doc = yaml.safe_load(files[f"workflows/{name}.yaml"])
+        assert doc["kind"] == "Workflow"
+        assert doc["spec"]["workflowTemplateRef"] == {"name": TEMPLATE_NAME}
+        assert doc["metadata"]["generateName"].startswith("lever-")
+        assert _params(doc["spec"]) == {"plan": name, "profile": "cluster"}
+        assert set(doc["spec"]) == {"workflowTemplateRef", "arguments"}
+
+
+# ------------------------------------------------------------------ nightly
+
+def test_nightly_cron_runs_recommended_plan_against_baseline(cron):
+    rec = load_plan(render.recommended_plan(), "cluster")
+    assert rec.recommended and rec.name == "plan5"
+    spec = cron["spec"]
+    assert spec["schedules"] and spec["timezone"]
+    assert spec["concurrencyPolicy"] == "Forbid" and spec["startingDeadlineSeconds"] > 0
+    wf = spec["workflowSpec"]
+    params = _params(wf)
+    assert params["plan"] == rec.name and params["baseline"] == rec.baseline_plan
+    assert float(params["margin"]) == rec.alerts.regression_margin
+    tasks = _tasks(cron, wf["entrypoint"])
+    assert tasks["baseline"]["templateRef"] == {"name": TEMPLATE_NAME, "template": PIPELINE}
+    assert _params(tasks["baseline"])["plan"] == "{{workflow.parameters.baseline}}"
+    assert _params(tasks["candidate"])["plan"] == "{{workflow.parameters.plan}}"
+    assert tasks["regress"]["dependencies"] == ["candidate"]
+    args = _templates(cron)["regress"]["container"]["args"]
+    assert args[0] == "regress" and {"--plan", "--baseline", "--margin", "--store"} <= set(args)
+    exit_tasks = _tasks(cron, wf["onExit"])
+    assert exit_tasks["summarize"]["templateRef"]["template"] == EXIT_HANDLER
+
+
+# ------------------------------------------------------------------ schemas
+
+@pytest.mark.parametrize("version", ["v4.1.2", "v3.7.18"])
+def test_committed_manifests_pass_closed_argo_schema(shared, version):
+    paths = sorted((ROOT / "workflows").glob("*.yaml"))
+    assert len(paths) == len(list_plans()) + 2
+    for path in paths:
+        for doc in validation.load_documents(path.read_text()):
+            assert validation.validate_argo(doc, shared, version) == [], path.name
+            assert validation.structural_problems(doc) == [], path.name
+
+
+def test_closed_schema_catches_what_the_open_one_misses(shared, template):
+    import copy
+
+    doc = copy.deepcopy(template)
+    doc["spec"]["templates"][0]["retryStrategy"]["retryPolicyy"] = "Always"
+    doc["spec"]["templates"][0]["container"]["resource"] = {}
+    assert validation.validate_argo(doc, shared, closed=False) == []
+    errs = validation.validate_argo(doc, shared)
+    assert any("retryPolicyy" in e for e in errs) and any("'resource'" in e for e in errs)
+    bad = copy.deepcopy(template)
+    bad["spec"]["templates"][0]["retryStrategy"]["limit"] = {"n": 3}
+    assert validation.validate_argo(bad, shared, closed=False)  # wrong type fails even open
+
+
+def test_structural_checks_can_fail(template):
+    import copy
+
+    doc = copy.deepcopy(template)
+    t = next(t for t in doc["spec"]["templates"] if t["name"] == "stage-infer")
+    del t["retryStrategy"]
+    del t["container"]["resources"]["limits"]["nvidia.com/gpu"]
+    t["container"]["image"] = "ghcr.io/lever-ml/lever:latest"
+    _templates(doc)[PIPELINE]["dag"]["tasks"].append({"name": "infer", "template": "stage-infer"})
+    probs = "\n".join(validation.structural_problems(doc))
+    for needle in ("no retryStrategy", "without a nvidia.com/gpu limit", "not pinned", "duplicate task names"):
+        assert needle in probs
+
+
+# ------------------------------------------------------------------ drift and CLI
+
+def test_committed_files_match_the_code(files):
+    stale = []
+    for rel, text in files.items():
+        path = ROOT / rel
+        if not path.exists() or path.read_text() != text:
+            stale.append(rel)
+    extra = {p.name for p in (ROOT / "workflows").glob("*.yaml")} - {Path(r).name for r in files if r.startswith("workflows/")}
+    assert not stale and not extra, (
+        f"generated manifests are out of date ({stale}; unexpected: {sorted(extra)}): "
+        "run scripts/render_workflows.sh and commit the result")
+
+
+def _lever(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lever", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_render_cli_plan5_validates(shared, tmp_path):
+    res = _lever("render", "plan5")
+    assert res.returncode == 0, res.stderr
+    (doc,) = validation.load_documents(res.stdout)
+    assert validation.validate_argo(doc, shared) == []
+    assert _params(doc["spec"])["plan"] == "plan5"
+    out = tmp_path / "p5.yaml"
+    assert _lever("render", "plan5", "-o", str(out)).returncode == 0
+    assert yaml.safe_load(out.read_text()) == doc
+    bad = _lever("render", "no-such-plan")
+    assert bad.returncode == 2 and "unknown plan" in bad.stderr
+
+
+def test_render_all_writes_the_same_files(tmp_path, files):
+    res = _lever("render", "--all", "--out", str(tmp_path / "wf"), "--chart", str(tmp_path / "chart"))
+    assert res.returncode == 0, res.stderr
+    for rel, text in files.items():
+        base = tmp_path / "chart" / "files" if rel.startswith("helm/") else tmp_path / "wf"
+        assert (base / Path(rel).name).read_text() == text
+
+
+class _FakeResponse:
+    def __init__(self, body: dict, status: int = 200):
+        self._body, self.status_code, self.ok = body, status, status < 400
+        self.text = json.dumps(body)
+
+    def json(self) -> dict:
+        return self._body
+
+
+class _RecordingSession:
+    """Stands in for requests.Session: records the request Hera builds, answers like Argo."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def request(self, method: str, **kw):
+        self.calls.append({"method": method, **kw})
+        wf = json.loads(kw["data"])["workflow"]
+        wf["metadata"]["name"] = wf["metadata"]["generateName"] + "x7k2p"
+        return _FakeResponse(wf)
+
+    def close(self) -> None:
+        pass
+
+
+def test_submit_builds_the_argo_server_request():
+    from lever.cli.k8s import build_submission
+
+    session = _RecordingSession()
+    wf = build_submission("plan5", "cluster", host="https://argo.example:2746", token="s3cr3t",
+                          namespace="ml", session=session)
+    created = wf.create()
+    (call,) = session.calls
+    assert call["method"] == "post"
+    assert call["url"] == "https://argo.example:2746/api/v1/workflows/ml"
+    assert call["headers"]["Authorization"] == "Bearer s3cr3t"
+    body = json.loads(call["data"])["workflow"]
+    assert body["spec"]["workflowTemplateRef"] == {"name": TEMPLATE_NAME}
+    assert body["metadata"]["namespace"] == "ml"
+    assert {p["name"]: p["value"] for p in body["spec"]["arguments"]["parameters"]}["plan"] == "plan5"
+    assert created.metadata.name == "lever-plan5-x7k2p"
+    link = wf.workflows_service.get_workflow_link(created.metadata.name)
+    assert link == "https://argo.example:2746/workflows/ml/lever-plan5-x7k2p?tab=workflow"
+
+
+def test_submit_without_server_is_a_user_error():
+    env = {k: "" for k in ("ARGO_SERVER", "ARGO_TOKEN")}
+    res = _lever("submit", "plan5", env=env)
+    assert res.returncode == 2 and "ARGO_SERVER" in res.stderr

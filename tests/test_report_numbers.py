@@ -1,0 +1,123 @@
+"""The report's numbers recomputed independently from the predictions/RL-data files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lever.config import load_plan
+from lever.pipeline.runner import Pipeline, load_baseline, run_plan
+from lever.pipeline.store import LocalStore
+from lever.report.bootstrap import paired_bootstrap
+from lever.report.compare import compare_plans, render_markdown
+from test_runner_fakes import fake_stages
+
+SMALL = ["infer.num_samples=30", "infer.shards=2", "infer.shots=[1,2,3]", "report.bootstrap_samples=300"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    store = LocalStore(root / "store")
+    plan = load_plan("plan1", "tiny", SMALL)
+    base = load_baseline(plan, "tiny", SMALL)
+    summary = run_plan(plan, store, baseline=base, stages=fake_stages(), jobs=1)
+    report_dir = Path(summary.report).parent
+    return store, plan, base, report_dir
+
+
+def _predictions(store, plan, variant, shot):
+    pipe = Pipeline(plan, store, stages=fake_stages())
+    rows = {}
+    for u in pipe.select_units("infer", filters={"variant": variant, "shot": str(shot)}):
+        for line in (store.open(pipe.key("infer", u)) / "predictions.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            rows[r["question_id"]] = r
+    return rows
+
+
+def test_accuracies_and_differences_match_predictions(built):
+    store, plan, base, report_dir = built
+    rep = json.loads((report_dir / "report.json").read_text())
+    assert rep["shots"] == [1, 2, 3]
+    avgs = []
+    for shot in (1, 2, 3):
+        p = _predictions(store, plan, "selector", shot)
+        b = _predictions(store, base, "selector", shot)
+        assert len(p) == len(b) == 30
+        acc_p = 100 * sum(r["accuracy"] for r in p.values()) / len(p)
+        acc_b = 100 * sum(r["accuracy"] for r in b.values()) / len(b)
+        assert rep["accuracy"]["plan"][str(shot)] == pytest.approx(acc_p, abs=0.006)
+        assert rep["accuracy"]["baseline"][str(shot)] == pytest.approx(acc_b, abs=0.006)
+        for ref in ("random", "retrieval"):
+            r = _predictions(store, plan, ref, shot)
+            assert rep["accuracy"][ref][str(shot)] == pytest.approx(100 * sum(x["accuracy"] for x in r.values()) / len(r), abs=0.006)
+        comp = rep["comparison"][shot - 1]
+        assert comp["diff"] == pytest.approx(acc_p - acc_b, abs=0.011)
+        qs = sorted(p)
+        ci = paired_bootstrap([p[q]["accuracy"] for q in qs], [b[q]["accuracy"] for q in qs], samples=300,
+                              seed=plan.infer.seed * 1000 + shot)
+        assert comp["paired"]["low"] == pytest.approx(100 * ci.low, abs=1e-3)
+        assert comp["paired"]["high"] == pytest.approx(100 * ci.high, abs=1e-3)
+        assert comp["paired"]["low"] <= comp["paired"]["diff"] <= comp["paired"]["high"]
+        same = sum(set(p[q]["icd_ids"]) == set(b[q]["icd_ids"]) for q in qs) / len(qs)
+        assert rep["icd_overlap"][str(shot)]["identical_set_share"] == pytest.approx(same, abs=1e-4)
+        avgs.append(acc_p)
+    assert rep["average"]["plan"] == pytest.approx(sum(avgs) / 3, abs=0.01)
+    assert rep["shots_improved"] == sum(1 for c in rep["comparison"] if c["diff"] > 0)
+
+
+def test_other_sections(built):
+    store, plan, base, report_dir = built
+    rep = json.loads((report_dir / "report.json").read_text())
+    assert rep["checkpoint"]["checkpoint"] == "grpo_epoch3" and rep["checkpoint"]["reason"]
+    assert [e["epoch"] for e in rep["training"]["grpo"]] == [1, 2, 3]
+    assert rep["training"]["grpo"][1]["kl"] == pytest.approx(0.02)
+    rd = rep["reward_data"]
+    # recompute from the RL data files: eval_failed candidates are excluded and counted
+    pipe = Pipeline(plan, store, stages=fake_stages())
+    cands = []
+    for u in pipe.select_units("generate-rl-data"):
+        for line in (store.open(pipe.key("generate-rl-data", u)) / "rl_data.jsonl").read_text().splitlines():
+            cands += json.loads(line)["candidates"]
+    ok = [c for c in cands if not c["eval_failed"]]
+    assert rd["candidates"] == len(ok)
+    assert rep["failed_evaluations"]["rl_data"] == len(cands) - len(ok)
+    assert rd["correct_share"] == pytest.approx(sum(c["correct"] for c in ok) / len(ok), abs=1e-4)
+    assert rd["zero_variance_groups"] >= 2  # query 0 of each shard is all-incorrect
+    assert sum(rd["quality_buckets"].values()) == rd["queries"]
+    for png in ("accuracy.png", "difference.png", "training.png", "rewards.png"):
+        assert (report_dir / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+    md = (report_dir / "report.md").read_text()
+    for section in ("Accuracy per shot", "Chosen checkpoint", "Training curves", "ICD overlap", "RL data diagnostics",
+                    "Failed LVLM evaluations", "paired bootstrap"):
+        assert section in md
+
+
+def test_partial_report_marks_missing_and_is_not_cached(built, tmp_path):
+    store, plan, base, _ = built
+    # a plan whose GRPO never ran: its selector inference and checkpoint are missing
+    plan2 = load_plan("plan1", "tiny", SMALL + ["grpo.epochs=2"])
+    pipe = Pipeline(plan2, store, stages=fake_stages(), baseline=base, run_id="r-partial")
+    res = pipe.run_partial("summarize")
+    assert res.status == "partial" and res.key == "partial/plan1/r-partial"
+    rep = json.loads((store.open(res.key) / "report.json").read_text())
+    assert rep["partial"] and any(m.startswith("infer/variantselector") for m in rep["missing"])
+    assert rep["accuracy"]["plan"]["1"] is None and rep["accuracy"]["random"]["1"] is not None
+    assert "Partial report" in (store.open(res.key) / "report.md").read_text()
+    assert pipe.status("summarize", pipe.select_units("summarize")[0]) == "missing"
+
+
+def test_compare_table(built):
+    store, plan, base, _ = built
+    table = compare_plans([plan, base, load_plan("plan2", "tiny", SMALL)], store, stages=fake_stages())
+    names = [r["name"] for r in table["rows"]]
+    assert names[:1] == ["plan1"] and "baseline" in names and "random" in names and names.count("random") == 1
+    row = {r["name"]: r for r in table["rows"]}
+    assert row["plan2"]["avg"] is None and row["plan2"]["acc"]["1"] is None  # never run
+    best_avg = max(r["avg"] for r in table["rows"] if r["avg"] is not None)
+    assert [r["name"] for r in table["rows"] if r["avg"] == best_avg] == table["best"]["avg"]
+    md = render_markdown(table)
+    assert "| plan1 |" in md and "**" in md and "—" in md
