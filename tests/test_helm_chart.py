@@ -4,7 +4,6 @@ schema, core kinds with kubernetes-validate, plus structural checks."""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import yaml
 
 helm_python = pytest.importorskip("helm_python", reason="helm-python-sdk (requirements-test.lock) not installed")
 
+from lever.pipeline.graph import STAGES  # noqa: E402
 from lever.platform import render, validation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,7 +187,7 @@ def test_production_values_reach_the_pods(rendered):
                 assert t["tolerations"] == v["gpu"]["tolerations"]
             else:
                 assert "nvidia.com/gpu" not in limits and "nodeSelector" not in t and "tolerations" not in t
-    assert n_gpu == sum(1 for s in render.STAGES if s.gpu) if hasattr(render, "STAGES") else n_gpu > 0
+    assert n_gpu == sum(1 for s in STAGES if s.gpu)
 
 
 def test_images_are_pinned(rendered):

@@ -152,3 +152,24 @@ def test_cli_finds_the_report_in_the_store(tmp_path):
     other = _lever("regress", "--plan", "plan1", "--baseline", "baseline", "--profile", "tiny",
                    "--store", str(tmp_path / "store"))
     assert other.returncode == 2 and "run the plan first" in other.stderr
+
+
+def test_summarizer_report_format_is_understood():
+    """The summarizer's own report.json layout (comparison list, CI under 'paired', percent)."""
+    from lever.report.bootstrap import PairedCI
+
+    def entry(shot, plan, base, lo, hi):
+        ci = PairedCI(n=800, diff=(plan - base) / 100, low=lo / 100, high=hi / 100, p_value=0.01)
+        return {"shot": shot, "plan": plan, "baseline": base, "diff": round(plan - base, 4), "paired": ci.as_dict(100.0)}
+
+    rep = {"units": "accuracy in percent (VQA accuracy x 100); predictions files hold 0..1",
+           "baseline_plan": "baseline", "partial": False, "shots": [1, 2],
+           "comparison": [entry(1, 41.0, 47.0, -8.9, -3.1), entry(2, 48.0, 47.5, -2.0, 3.0)]}
+    v = judge(rep, plan="plan5", baseline="baseline", margin=1.5)
+    assert [(s.shot, s.regression) for s in v.shots] == [("1", True), ("2", False)]
+    assert v.shots[0].ci_high == pytest.approx(-3.1) and v.shots[0].plan == pytest.approx(41.0)
+    with pytest.raises(ReportFormatError, match="partial"):
+        judge(dict(rep, partial=True, missing=["infer/x"]), plan="plan5", baseline="baseline", margin=1.5)
+    rep["comparison"][1]["baseline"] = None
+    with pytest.raises(ReportFormatError, match="shot 2"):
+        judge(rep, plan="plan5", baseline="baseline", margin=1.5)

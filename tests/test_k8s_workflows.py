@@ -21,11 +21,14 @@ from lever.platform import render, validation
 from lever.platform.pods import RETRY_EXPRESSION
 from lever.platform.workflows import (
     EXIT_HANDLER,
+    LIST_FLAG,
+    PARTIAL_FLAG,
     PIPELINE,
     TEMPLATE_NAME,
+    UNIT_FLAG,
+    UNIT_PARAM,
     list_task_name,
     stage_template_name,
-    unit_keys,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,20 +91,52 @@ def test_one_task_per_stage_wired_by_inputs(template):
             assert set(tasks[lst].get("dependencies", [])) == set(st.inputs)
 
 
-def test_fanout_units_match_the_runner_contract(template):
-    # the pipeline contract: shard=i for sharded stages, variant/shot/shard for infer
-    kinds = {s.fanout: unit_keys(s) for s in STAGES if s.fanout != "none"}
-    assert kinds == {"shard": ("shard",), "infer": ("variant", "shot", "shard")}
+def test_fanout_tasks_select_one_unit_per_item(template):
     tmpl = _templates(template)
     tasks = _tasks(template, PIPELINE)
-    for st in (s for s in STAGES if s.fanout != "none"):
+    fanned = [s for s in STAGES if s.fanout != "none"]
+    assert {s.name for s in fanned} >= {"generate-beams", "generate-rl-data", "infer"}
+    for st in fanned:
         args = tmpl[stage_template_name(st)]["container"]["args"]
-        for k in unit_keys(st):
-            assert f"{k}={{{{inputs.parameters.{k}}}}}" in args
-            assert args[args.index(f"{k}={{{{inputs.parameters.{k}}}}}") - 1] == "--unit"
-            assert _params(tasks[st.name])[k] == "{{item.%s}}" % k
+        assert args[args.index(UNIT_FLAG) + 1] == "{{inputs.parameters.%s}}" % UNIT_PARAM
+        assert _params(tasks[st.name])[UNIT_PARAM] == "{{item}}"
         lister = tmpl[list_task_name(st)]["container"]["args"]
-        assert lister[:2] == ["stage", st.name] and "--list-units" in lister
+        assert lister[:2] == ["stage", st.name] and LIST_FLAG in lister
+    for st in (s for s in STAGES if s.fanout == "none"):
+        assert UNIT_FLAG not in tmpl[stage_template_name(st)]["container"]["args"]
+
+
+def test_list_units_output_feeds_with_param(tmp_path):
+    """What ``--list-units`` prints is a JSON list of strings (Argo iterates it as ``{{item}}``)
+    that ``--unit-id`` accepts back; checked against the real CLI for every fan-out kind."""
+    from lever.config import load_plan
+    from lever.pipeline.graph import stage
+
+    for name in ("generate-rl-data", "infer"):
+        res = _lever("stage", name, "--plan", "plan5", "--profile", "cluster", LIST_FLAG)
+        assert res.returncode == 0, res.stderr
+        items = json.loads(res.stdout)
+        assert items and all(isinstance(i, str) for i in items)
+        assert items == [u.id for u in stage(name).units(load_plan("plan5", "cluster"))]
+        assert len(res.stdout) < 64 * 1024  # far below Argo's parameter cap
+
+
+def test_rendered_flags_exist_in_the_cli(template, cron):
+    """Every option the manifests pass must exist on the real typer commands (catches renames)."""
+    import typer.main
+
+    from lever.cli import app
+
+    cmds = typer.main.get_command(app).commands
+    opts = {n: {o for p in c.params for o in getattr(p, "opts", [])} for n, c in cmds.items()}
+    for doc in (template, cron):
+        for t in _templates(doc).values():
+            if "container" not in t:
+                continue
+            args = t["container"]["args"]
+            flags = {a for a in args if a.startswith("--")}
+            assert flags <= opts[args[0]], (t["name"], flags - opts[args[0]])
+    assert PARTIAL_FLAG in opts["stage"] and UNIT_FLAG in opts["stage"]
 
 
 def test_stage_commands_follow_the_cli_contract(template):
@@ -190,7 +225,7 @@ def test_exit_handler_always_runs_partial_summary(template):
     assert "when" not in task  # always, not only on failure
     args = _templates(template)[task["template"]]["container"]["args"]
     assert task["template"] == EXIT_HANDLER
-    assert args[:2] == ["stage", "summarize"] and "--allow-partial" in args
+    assert args[:2] == ["stage", "summarize"] and PARTIAL_FLAG in args
 
 
 def test_template_parameters(template):
@@ -202,13 +237,28 @@ def test_template_parameters(template):
     assert "workflow.name" in _params(entry)["run-id"]  # empty run-id falls back to the workflow name
 
 
+def test_entry_runs_the_baseline_pipeline_first(template):
+    tasks = _tasks(template, template["spec"]["entrypoint"])
+    assert set(tasks) == {"baseline", PIPELINE}
+    assert tasks["baseline"]["template"] == tasks[PIPELINE]["template"] == PIPELINE
+    assert _params(tasks["baseline"])["plan"] == "{{workflow.parameters.baseline}}"
+    assert tasks[PIPELINE]["dependencies"] == ["baseline"]
+    when = tasks["baseline"]["when"]
+    assert "workflow.parameters.baseline != 'none'" in when and "workflow.parameters.plan" in when
+    assert _params(template["spec"])["baseline"] == "baseline"
+
+
 def test_plan_workflows_reference_the_template(files):
     for name in list_plans():
         doc = yaml.safe_load(files[f"workflows/{name}.yaml"])
         assert doc["kind"] == "Workflow"
         assert doc["spec"]["workflowTemplateRef"] == {"name": TEMPLATE_NAME}
         assert doc["metadata"]["generateName"].startswith("lever-")
-        assert _params(doc["spec"]) == {"plan": name, "profile": "cluster"}
+        expected = {"plan": name, "profile": "cluster"}
+        base = load_plan(name).baseline_plan
+        if base != "baseline":  # the template's default
+            expected["baseline"] = base if base and base != name else "none"
+        assert _params(doc["spec"]) == expected
         assert set(doc["spec"]) == {"workflowTemplateRef", "arguments"}
 
 
@@ -340,6 +390,7 @@ class _RecordingSession:
         pass
 
 
+@pytest.mark.filterwarnings("ignore:The `json` method is deprecated:DeprecationWarning")
 def test_submit_builds_the_argo_server_request():
     from lever.cli.k8s import build_submission
 

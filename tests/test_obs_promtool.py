@@ -3,6 +3,7 @@ are sensitive to the thresholds (a mutated rules file must fail them)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 
 from lever.config.schema import AlertConfig
 from lever.obs.alerts import alert_names, prometheus_rule, render, rules_file
+from lever.obs.dashboard import build_dashboard
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "helm" / "lever" / "files" / "alert-rules.yaml"
@@ -103,3 +105,26 @@ def test_promtool_tests_catch_wrong_thresholds(tmp_path: Path, mutation: dict, e
     res = promtool("test", "rules", *[str(tests / p.name) for p in PROMTOOL_TESTS])
     assert res.returncode != 0
     assert f"alertname: {expected_failure}" in res.stdout + res.stderr
+
+
+@needs_promtool
+def test_chart_prometheusrule_passes_the_same_promtool_tests(tmp_path: Path) -> None:
+    """Render the Helm chart, pull the PrometheusRule's spec out, and run the unit tests on it."""
+    helm_python = pytest.importorskip("helm_python", reason="helm-python-sdk not installed (test extra)")
+    if not (ROOT / "helm" / "lever" / "Chart.yaml").exists():
+        pytest.skip("helm chart not present yet")
+    out = helm_python.Chart.load(str(ROOT / "helm" / "lever")).render({}, name="rel", namespace="lever")
+    docs = [d for path, text in out.items() if path.endswith((".yaml", ".yml")) for d in yaml.safe_load_all(text) if d]
+    (rule,) = [d for d in docs if d.get("kind") == "PrometheusRule"]
+    assert rule["spec"] == rules_file(AlertConfig())
+    (cm,) = [d for d in docs if d.get("kind") == "ConfigMap" and d["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
+    assert json.loads(next(iter(cm["data"].values()))) == build_dashboard()
+    files = tmp_path / "helm" / "lever" / "files"
+    files.mkdir(parents=True)
+    (files / "alert-rules.yaml").write_text(yaml.safe_dump(rule["spec"]), encoding="utf-8")
+    tests = tmp_path / "tests" / "promtool"
+    tests.mkdir(parents=True)
+    for p in PROMTOOL_TESTS:
+        shutil.copy(p, tests / p.name)
+    res = promtool("test", "rules", *[str(tests / p.name) for p in PROMTOOL_TESTS])
+    assert res.returncode == 0, res.stdout + res.stderr

@@ -44,12 +44,15 @@ def test_epoch_metrics_become_labelled_gauges(tel: Telemetry) -> None:
 
 
 def test_unknown_and_missing_keys_are_ignored(tel: Telemetry, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="lever.obs"):
-        tel.epoch("rce", 1, {"train_loss": 2.0, "ppo_loss": None, "mystery": 1.0})
-        tel.epoch("rce", 2, {"train_loss": 1.0, "mystery": 2.0})
+    with caplog.at_level(logging.DEBUG, logger="lever.obs"):
+        tel.epoch("rce", 1, {"epoch": 1, "train_loss": 2.0, "ppo_loss": None, "mystery": 1.0})
+        tel.epoch("rce", 2, {"epoch": 2, "train_loss": 1.0, "mystery": 2.0})
+        tel.step("rce", 3, {"epoch": 2, "tau": 1.5, "loss": 0.5})
     assert value(tel, "lever_train_loss", phase="rce") == 1.0
+    assert value(tel, "lever_train_step_loss", phase="rce") == 0.5
     assert value(tel, "lever_train_ppo_loss", phase="rce") is None  # RCE has no PPO loss: no series
-    assert sum("mystery" in r.getMessage() for r in caplog.records) == 1  # said once
+    assert sum("mystery" in r.getMessage() for r in caplog.records) == 1  # said once, at debug level
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_epoch_trends_are_counted_client_side() -> None:
@@ -73,10 +76,11 @@ def test_epoch_trends_are_counted_client_side() -> None:
 
 
 def test_nonfinite_flag_is_sticky_and_set_from_steps(tel: Telemetry) -> None:
-    tel.step("grpo", 1, {"kl": 0.1, "ppo_loss": 0.2, "reward": 1.0, "grad_norm": 0.5})
+    tel.step("grpo", 1, {"kl_k3": 0.1, "kl_exact": 0.2, "ppo_loss": 0.2, "reward": 1.0, "grad_norm": 0.5})
     assert value(tel, "lever_train_loss_nonfinite", phase="grpo") == 0
     assert value(tel, "lever_train_step", phase="grpo") == 1
-    assert value(tel, "lever_train_step_kl", phase="grpo") == 0.1
+    assert value(tel, "lever_train_step_kl", phase="grpo", estimator="k3") == 0.1
+    assert value(tel, "lever_train_step_kl", phase="grpo", estimator="exact") == 0.2
     tel.step("grpo", 2, {"ppo_loss": float("nan")})
     assert value(tel, "lever_train_loss_nonfinite", phase="grpo") == 1
     tel.epoch("grpo", 1, {"train_loss": 0.3})  # recovered numbers do not clear it
@@ -217,10 +221,29 @@ def test_make_telemetry_from_env(monkeypatch: pytest.MonkeyPatch, capture_gatewa
     tel = make_telemetry("plan5", "r1", "train-grpo", alerts=AlertConfig())
     assert isinstance(tel, Telemetry) and tel.pushgateway_url == url
     assert len(reqs) == 1  # announced itself as running
-    monkeypatch.setenv("LEVER_METRICS_PORT", "0")
+
+def test_env_port_is_one_server_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Consecutive stages in one process (local runner) share LEVER_METRICS_PORT; the newest wins."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("LEVER_PUSHGATEWAY_URL", raising=False)
+    monkeypatch.setenv("LEVER_METRICS_PORT", str(port))
     monkeypatch.setenv("LEVER_METRICS_ADDR", "127.0.0.1")
-    served = make_telemetry("plan5", "r1", "train-grpo")
-    try:
-        assert served.server is not None and served.server.port > 0
-    finally:
-        served.close()
+    first = make_telemetry("plan5", "r1", "train-rce")
+    first.epoch("rce", 1, {"train_loss": 1.0})
+    first.close()
+    second = make_telemetry("plan5", "r1", "train-grpo")
+    second.epoch("grpo", 1, {"kl_k3": 0.5})
+    assert second.server is not None and second.server.port == port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:  # noqa: S310
+        text = resp.read().decode()
+    assert 'stage="train-grpo"' in text and 'stage="train-rce"' not in text
+    second.close()
+    from lever.obs import server as server_mod
+
+    for srv, _ in server_mod._process_servers.values():  # this test's process server: stop it
+        if srv.port == port:
+            srv.close()

@@ -14,9 +14,6 @@ from lever.cli import obs as _obs  # noqa: F401
 from lever.cli import validate as _validate  # noqa: F401
 from lever.cli import bench as _bench  # noqa: F401
 
-USER_ERRORS: tuple[type[BaseException], ...] = ()
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     from lever.config.loader import PlanError
     from lever.pipeline.context import StageError
@@ -26,8 +23,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, standalone_mode=False)
-    except SystemExit as exc:  # typer/click exits
+        # with standalone_mode=False click *returns* the code of a typer.Exit instead of exiting
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
+    except SystemExit:
         raise
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -129,7 +129,11 @@ def training_rules(a: AlertConfig) -> list[dict[str, Any]]:
 
 
 def pipeline_rules(a: AlertConfig) -> list[dict[str, Any]]:
-    """Rules on the pipeline as a whole: stalled stages and nightly regressions."""
+    """Rules on the pipeline as a whole: stalled stages and nightly regressions.
+
+    The nightly flag is aggregated over ``shot`` because two producers push it: the summarize
+    stage's Telemetry (one run-level series) and ``lever.platform.regress`` (one series per shot,
+    CI-based verdict); either way one alert per plan/run/stage group."""
     stalled_s = _num(a.stalled_minutes * 60)
     margin = _num(a.regression_margin / 100.0)
     return [
@@ -145,7 +149,7 @@ def pipeline_rules(a: AlertConfig) -> list[dict[str, Any]]:
         _rule(
             "LeverNightlyRegression",
             _recent(
-                "lever_nightly_regression == 1\n  or\n"
+                "max without(shot) (lever_nightly_regression) == 1\n  or\n"
                 f"  min without(shot) (lever_nightly_accuracy_delta) < -{margin}",
                 a,
             ),

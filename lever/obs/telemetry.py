@@ -21,7 +21,6 @@ The hooks the pipeline calls (``ctx.telemetry``) are ``epoch``, ``step``, ``prog
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import threading
@@ -32,8 +31,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import push_to_gateway
 
 from lever.config.schema import AlertConfig
-from lever.obs.server import MetricsServer, serve_metrics
-from lever.obs.trends import TrendTracker, as_float
+from lever.obs.server import MetricsServer, serve_metrics, serve_process_metrics
+from lever.obs.trends import TrendTracker, as_float, nonfinite_keys
 
 log = logging.getLogger("lever.obs")
 
@@ -62,14 +61,19 @@ EPOCH_GAUGES: dict[str, tuple[str, dict[str, str], str]] = {
     "entropy": ("lever_train_entropy_nats", {}, "Mean policy entropy over the candidate distribution."),
     "grad_norm": ("lever_train_grad_norm", {}, "Gradient norm before clipping."),
 }
-# per-step metric key -> (metric name, help)
-STEP_GAUGES: dict[str, tuple[str, str]] = {
-    "kl": ("lever_train_step_kl", "KL of the last optimisation step."),
-    "ppo_loss": ("lever_train_step_ppo_loss", "PPO loss of the last optimisation step."),
-    "reward": ("lever_train_step_reward", "Mean reward of the last step's batch."),
-    "grad_norm": ("lever_train_step_grad_norm", "Gradient norm of the last step."),
-    "loss": ("lever_train_step_loss", "Total loss of the last optimisation step."),
+# per-step metric key -> (metric name, extra constant labels, help)
+STEP_GAUGES: dict[str, tuple[str, dict[str, str], str]] = {
+    "kl": ("lever_train_step_kl", {"estimator": "k3"}, "KL of the last optimisation step, by estimator."),
+    "kl_k3": ("lever_train_step_kl", {"estimator": "k3"}, "KL of the last optimisation step, by estimator."),
+    "kl_exact": ("lever_train_step_kl", {"estimator": "exact"}, "KL of the last optimisation step, by estimator."),
+    "ppo_loss": ("lever_train_step_ppo_loss", {}, "PPO loss of the last optimisation step."),
+    "loss": ("lever_train_step_loss", {}, "Total loss of the last optimisation step."),
+    "reward": ("lever_train_step_reward", {}, "Mean reward of the last step's batch."),
+    "grad_norm": ("lever_train_step_grad_norm", {}, "Gradient norm of the last step (before clipping)."),
+    "clip_frac": ("lever_train_step_clip_ratio", {}, "Share of clipped PPO ratios in the last step."),
 }
+# keys trainers put in their rows that are not metrics (or are exported elsewhere): ignored quietly
+IGNORED_KEYS = frozenset({"epoch", "step", "phase"})
 
 
 def _sanitize_unit(unit: str) -> str:
@@ -102,6 +106,7 @@ class Telemetry:
         self.retry_after_s = retry_after_s
         self.registry = CollectorRegistry(auto_describe=True)
         self.server: Optional[MetricsServer] = None
+        self._shared_server = False
         self.pushes_ok = 0
         self.pushes_failed = 0
 
@@ -130,9 +135,10 @@ class Telemetry:
         for name, labels, doc in EPOCH_GAUGES.values():
             if name not in self._epoch_gauges:
                 self._epoch_gauges[name] = self._gauge(name, doc, ("phase",) + tuple(labels))
-        self._step_gauges = {
-            name: self._gauge(name, doc, ("phase",)) for name, doc in STEP_GAUGES.values()
-        }
+        self._step_gauges: dict[str, Gauge] = {}
+        for name, labels, doc in STEP_GAUGES.values():
+            if name not in self._step_gauges:
+                self._step_gauges[name] = self._gauge(name, doc, ("phase",) + tuple(labels))
         self._g_epoch = self._gauge("lever_train_epoch", "Last finished epoch (1-based).", ("phase",))
         self._g_step = self._gauge("lever_train_step", "Last optimisation step.", ("phase",))
         self._g_rising = self._gauge(
@@ -197,7 +203,7 @@ class Telemetry:
             spec = EPOCH_GAUGES.get(key)
             v = as_float(value)
             if spec is None:
-                self._warn_once(f"epoch:{key}", "telemetry ignores unknown epoch metric %r", key)
+                self._note_unknown("epoch", key)
                 continue
             if v is None:
                 continue
@@ -229,18 +235,14 @@ class Telemetry:
             with self._lock:
                 lab = dict(self._base, phase=phase)
                 self._g_step.labels(**lab).set(step)
-                bad = []
                 for key, value in metrics.items():
                     spec = STEP_GAUGES.get(key)
                     v = as_float(value)
-                    if spec is None or v is None:
-                        if spec is None:
-                            self._warn_once(f"step:{key}", "telemetry ignores unknown step metric %r", key)
-                        continue
-                    self._step_gauges[spec[0]].labels(**lab).set(v)
-                    if key != "reward" and not math.isfinite(v):
-                        bad.append(key)
-                self._mark_nonfinite(phase, bad)
+                    if spec is None:
+                        self._note_unknown("step", key)
+                    elif v is not None:
+                        self._step_gauges[spec[0]].labels(**lab, **spec[1]).set(v)
+                self._mark_nonfinite(phase, nonfinite_keys(metrics))
             self._maybe_push()
         except Exception as exc:
             log.warning("telemetry.step failed: %s", exc)
@@ -355,22 +357,32 @@ class Telemetry:
         if not self.pushgateway_url or time.time() - self._last_push_attempt >= self.push_interval_s:
             self.push()
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> MetricsServer:
-        """Also expose this registry on /metrics (``port=0``: a free port)."""
+    def serve(self, port: int, addr: str = "0.0.0.0", shared: bool = False) -> MetricsServer:
+        """Also expose this registry on /metrics (``port=0``: a free port).  ``shared``: use the
+        process-wide server for that port (what ``make_telemetry`` does for ``LEVER_METRICS_PORT``),
+        so consecutive stages in one process do not fight over the port."""
         if self.server is None:
-            self.server = serve_metrics(self.registry, port, addr)
+            self.server = serve_process_metrics(self.registry, port, addr) if shared else serve_metrics(self.registry, port, addr)
+            self._shared_server = shared
         return self.server
 
     def close(self) -> None:
-        """Stop the /metrics server if one runs (pushes need no cleanup)."""
+        """Stop an own /metrics server (a shared one stays up for the next stage); pushes need no cleanup."""
         if self.server is not None:
-            self.server.close()
+            if not self._shared_server:
+                self.server.close()
             self.server = None
 
     def start(self) -> "Telemetry":
         """Push the 'stage running' state once, so a stage that dies early still shows as stalled."""
         self.push(force=True)
         return self
+
+    def _note_unknown(self, kind: str, key: str) -> None:
+        """Trainers pass whole rows (tau, ratio_min, ...): unknown keys are expected, so debug only."""
+        if key not in IGNORED_KEYS and f"{kind}:{key}" not in self._warned:
+            self._warned.add(f"{kind}:{key}")
+            log.debug("telemetry ignores %s metric %r", kind, key)
 
     def _warn_once(self, key: str, msg: str, *args: Any) -> None:
         if key not in self._warned:
@@ -457,7 +469,7 @@ def make_telemetry(
     tel = Telemetry(plan, run_id, stage, url, unit=unit, alerts=alerts)
     if port is not None:
         try:
-            tel.serve(port, os.environ.get(ENV_METRICS_ADDR, "0.0.0.0"))
+            tel.serve(port, os.environ.get(ENV_METRICS_ADDR, "0.0.0.0"), shared=True)
         except OSError as exc:
             log.warning("cannot serve metrics on port %s: %s", port, exc)
     return tel.start()

@@ -106,6 +106,7 @@ class Pipeline:
         self.baseline_keys: Optional[PlanKeys] = plan_keys(baseline, self.stages) if baseline is not None else None
         self.keys = plan_keys(plan, self.stages, self.baseline_keys)
         self.run_id = run_id or new_run_id()
+        self.pool: Optional[WorkerPool] = None  # shared worker processes (set by run_plan)
 
     # -- selection ------------------------------------------------------------------------
     def stage(self, name: str) -> Stage:
@@ -287,17 +288,16 @@ class Pipeline:
 
     def _run_parallel(self, stage_name: str, pending: list[Unit], jobs: int, force: bool, fresh: bool,
                       errors: list, on_result: Optional[Callable[[UnitResult], None]]) -> list[UnitResult]:
-        import multiprocessing as mp
-
         payload = {
             "plan": self.plan.model_dump(mode="json"),
             "baseline": self.baseline.model_dump(mode="json") if self.baseline is not None else None,
             "stages": self.stages, "store": self.store.spec(), "run_id": self.run_id,
         }
         results = []
-        with ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=mp.get_context("spawn"),
-                                 initializer=_worker_init) as ex:
-            futs = {ex.submit(_worker_run, payload, stage_name, u.params, force, fresh): u for u in pending}
+        own = self.pool is None
+        pool = self.pool or WorkerPool(min(jobs, len(pending)))
+        try:
+            futs = {pool.get().submit(_worker_run, payload, stage_name, u.params, force, fresh): u for u in pending}
             for fut in as_completed(futs):
                 u = futs[fut]
                 try:
@@ -308,8 +308,34 @@ class Pipeline:
                 results.append(r)
                 if on_result:
                     on_result(r)
+        finally:
+            if own:
+                pool.close()
         order = {u.id: i for i, u in enumerate(pending)}
         return sorted(results, key=lambda r: order.get(r.unit, 0))
+
+
+class WorkerPool:
+    """A lazily started spawn-context process pool shared by all fanned-out stages of a run:
+    workers start once (importing torch and building the LVLM is the expensive part) instead of
+    once per stage.  Spawn, not fork: forking a process that already holds torch threads is unsafe."""
+
+    def __init__(self, jobs: int):
+        self.jobs = max(1, jobs)
+        self._ex: Optional[ProcessPoolExecutor] = None
+
+    def get(self) -> ProcessPoolExecutor:
+        if self._ex is None:
+            import multiprocessing as mp
+
+            self._ex = ProcessPoolExecutor(max_workers=self.jobs, mp_context=mp.get_context("spawn"),
+                                           initializer=_worker_init)
+        return self._ex
+
+    def close(self) -> None:
+        if self._ex is not None:
+            self._ex.shutdown(wait=True, cancel_futures=True)
+            self._ex = None
 
 
 def _safe(fn: Optional[Callable], *args: Any) -> None:
@@ -335,11 +361,23 @@ def _worker_init() -> None:
         pass
 
 
+_WORKER_PIPES: dict[str, Pipeline] = {}
+_WORKER_STORES: dict[str, Store] = {}
+
+
 def _worker_run(payload: dict, stage_name: str, params: tuple, force: bool, fresh: bool) -> UnitResult:
-    plan = PlanConfig.model_validate(payload["plan"])
-    baseline = PlanConfig.model_validate(payload["baseline"]) if payload["baseline"] else None
-    store = open_store(payload["store"]["url"], payload["store"].get("cache_dir"))
-    pipe = Pipeline(plan, store, stages=payload["stages"], baseline=baseline, run_id=payload["run_id"])
+    import json as _json
+
+    ident = _json.dumps([payload["plan"], payload["baseline"], payload["run_id"], payload["store"]], sort_keys=True)
+    pipe = _WORKER_PIPES.get(ident)
+    if pipe is None:
+        plan = PlanConfig.model_validate(payload["plan"])
+        baseline = PlanConfig.model_validate(payload["baseline"]) if payload["baseline"] else None
+        skey = _json.dumps(payload["store"], sort_keys=True)
+        store = _WORKER_STORES.get(skey) or open_store(payload["store"]["url"], payload["store"].get("cache_dir"))
+        _WORKER_STORES[skey] = store
+        pipe = Pipeline(plan, store, stages=payload["stages"], baseline=baseline, run_id=payload["run_id"])
+        _WORKER_PIPES[ident] = pipe
     return pipe.run_unit(stage_name, Unit(stage_name, tuple(tuple(p) for p in params)), force=force, fresh=fresh)
 
 
@@ -459,13 +497,19 @@ def run_plan(
     jobs = jobs or default_jobs(plan)
     names = stage_closure(only, stages) if only else [s.name for s in stages]
     base_reads = [n for s in stages if s.name in names and s.with_baseline for n in s.inputs]
-    if baseline is not None and base_reads:
-        bpipe = Pipeline(baseline, store, stages=stages, run_id=pipe.run_id)
-        bnames = stage_closure(base_reads, stages)
-        _print(console, f"[bold]baseline plan {baseline.name}[/bold] ({len(bnames)} stages)")
-        summary.results += run_stages(bpipe, bnames, jobs=jobs, console=console, fresh=fresh, label=f"{baseline.name}:")
-    _print(console, f"[bold]plan {plan.name}[/bold] ({len(names)} stages) -> {store.url}")
-    summary.results += run_stages(pipe, names, jobs=jobs, console=console, force=force, fresh=fresh)
+    pool = WorkerPool(jobs)
+    pipe.pool = pool
+    try:
+        if baseline is not None and base_reads:
+            bpipe = Pipeline(baseline, store, stages=stages, run_id=pipe.run_id)
+            bpipe.pool = pool
+            bnames = stage_closure(base_reads, stages)
+            _print(console, f"[bold]baseline plan {baseline.name}[/bold] ({len(bnames)} stages)")
+            summary.results += run_stages(bpipe, bnames, jobs=jobs, console=console, fresh=fresh, label=f"{baseline.name}:")
+        _print(console, f"[bold]plan {plan.name}[/bold] ({len(names)} stages) -> {store.url}")
+        summary.results += run_stages(pipe, names, jobs=jobs, console=console, force=force, fresh=fresh)
+    finally:
+        pool.close()
     summary.seconds = time.monotonic() - t0
     report_stage = next((s.name for s in stages if s.with_baseline and s.name in names), None)
     if report_stage is not None:

@@ -14,14 +14,18 @@ The rule, per shot (all numbers in accuracy *percentage points*):
   four shots it fails roughly one night in ten without any real change at 95 % confidence.
 * A shot without a CI in the report falls back to ``d < -margin`` and says so.
 
-Report keys relied on (``report.json`` written by the summarizer; read defensively)::
+Report keys relied on (``report.json`` of the summarize stage; read defensively).  The
+summarizer's own format (``lever.report.build``)::
 
-    {"shots": {"1": {"plan": acc, "baseline": acc, "diff": d, "ci_low": lo, "ci_high": hi}, ...},
-     "accuracy_unit": "ratio" | "percent"   # optional; inferred when absent
-     "baseline_plan": "baseline"}           # optional; checked against --baseline when present
+    {"units": "accuracy in percent ...", "baseline_plan": "baseline", "partial": false,
+     "comparison": [{"shot": 1, "plan": 55.1, "baseline": 53.0, "diff": 2.1,
+                     "paired": {"diff": 2.0, "low": -0.4, "high": 4.3, ...}}, ...]}
 
-``diff`` is recomputed from ``plan - baseline`` when missing.  Accuracies in 0..1 (ratios) are
-converted to points; ``ci_low``/``ci_high`` use the same unit as the accuracies.
+and, equivalently, the mapping form ``{"shots": {"1": {"plan", "baseline", "diff", "ci_low",
+"ci_high"}}}``.  ``diff`` is recomputed from ``plan - baseline`` when missing.  The unit comes
+from ``accuracy_unit`` / ``units`` when given ("ratio"/"percent"), else accuracies all within
+0..1 are taken as ratios.  A partial report or a shot without both accuracies cannot be judged
+(user error, exit 2): the nightly only calls ``regress`` after both plans finished.
 """
 
 from __future__ import annotations
@@ -88,12 +92,30 @@ def _num(entry: Mapping[str, Any], key: str, where: str) -> Optional[float]:
     return v
 
 
+def _entries(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per-shot ``{plan, baseline, diff, ci_low, ci_high}`` from either report form."""
+    comp = report.get("comparison")
+    if isinstance(comp, list):
+        out = {}
+        for i, c in enumerate(comp):
+            if not isinstance(c, Mapping) or "shot" not in c:
+                raise ReportFormatError(f"report.json: comparison[{i}] needs a 'shot'")
+            paired = c.get("paired") if isinstance(c.get("paired"), Mapping) else {}
+            out[str(c["shot"])] = {"plan": c.get("plan"), "baseline": c.get("baseline"), "diff": c.get("diff"),
+                                   "ci_low": paired.get("low"), "ci_high": paired.get("high")}
+        return out
+    shots = report.get("shots")
+    if isinstance(shots, Mapping):
+        return {str(k): v for k, v in shots.items()}
+    raise ReportFormatError("report.json: needs 'comparison' (a list per shot) or 'shots' as {shot: {...}}")
+
+
 def _scale(report: Mapping[str, Any], shots: Mapping[str, Any]) -> float:
     """Multiplier from the report's accuracy unit to percentage points."""
-    unit = report.get("accuracy_unit")
-    if unit in ("ratio", "fraction"):
+    unit = str(report.get("accuracy_unit") or report.get("units") or "").lower()
+    if unit.startswith(("ratio", "fraction")):
         return 100.0
-    if unit in ("percent", "points"):
+    if unit.startswith(("percent", "points", "accuracy in percent")):
         return 1.0
     values = [abs(float(e[k])) for e in shots.values() if isinstance(e, Mapping)
               for k in ("plan", "baseline") if isinstance(e.get(k), (int, float))]
@@ -106,9 +128,14 @@ def judge(report: Mapping[str, Any], *, plan: str, baseline: str, margin: float,
         raise ValueError(f"unknown rule {rule!r} ({' | '.join(RULES)})")
     if margin < 0:
         raise ValueError("margin must be >= 0 (accuracy points)")
-    shots = report.get("shots")
-    if not isinstance(shots, Mapping) or not shots:
-        raise ReportFormatError("report.json: key 'shots' must be a non-empty mapping {shot: {...}}")
+    if not isinstance(report, Mapping):
+        raise ReportFormatError("report.json: top level must be an object")
+    shots = _entries(report)
+    if not shots:
+        raise ReportFormatError("report.json: no shots to compare")
+    if report.get("partial") is True:
+        missing = report.get("missing") or report.get("incomplete_cells") or []
+        raise ReportFormatError(f"report.json is a partial report (missing: {missing}); cannot judge a regression")
     verdict = Verdict(plan, baseline, margin, rule)
     named = report.get("baseline_plan")
     if isinstance(named, str) and named != baseline:
@@ -116,7 +143,7 @@ def judge(report: Mapping[str, Any], *, plan: str, baseline: str, margin: float,
     k = _scale(report, shots)
     for shot in sorted(shots, key=lambda s: (len(str(s)), str(s))):
         entry = shots[shot]
-        where = f"report.json: shots.{shot}"
+        where = f"report.json: shot {shot}"
         if not isinstance(entry, Mapping):
             raise ReportFormatError(f"{where}: expected a mapping, got {type(entry).__name__}")
         p, b = _num(entry, "plan", where), _num(entry, "baseline", where)

@@ -24,7 +24,7 @@ from lever.platform import pods
 
 TEMPLATE_NAME = "lever-pipeline"
 PIPELINE = "pipeline"  # the DAG template (callable by templateRef)
-ENTRYPOINT = "main"  # resolves run-id once, then calls PIPELINE
+ENTRYPOINT = "main"  # resolves run-id once; the baseline plan's PIPELINE, then the plan's
 EXIT_HANDLER = "summarize-partial"
 SUMMARIZE_STAGE = "summarize"
 PART_OF = {"app.kubernetes.io/part-of": "lever"}
@@ -40,6 +40,12 @@ PARAMS: tuple[tuple[str, str], ...] = (
     ("pushgateway", "Prometheus Pushgateway URL"),
 )
 PARAM_NAMES = tuple(p for p, _ in PARAMS)
+# Workflow-level only (not passed into the pipeline template): the summarizer compares against
+# the baseline plan's outputs, so ``main`` runs that plan's pipeline first (a store hit once it
+# has run) unless it is "none" or the plan itself.
+BASELINE_PARAM = ("baseline", "plan the report compares against; its pipeline runs first ('none': skip)")
+NO_BASELINE = "none"
+DEFAULT_BASELINE = "baseline"
 
 
 @dataclass(frozen=True)
@@ -71,12 +77,13 @@ def _pass_through(names: Iterable[str] = PARAM_NAMES) -> dict[str, str]:
     return {n: _in(n) for n in names}
 
 
-def unit_keys(stage: Stage) -> tuple[str, ...]:
-    """The ``--unit`` keys a fanned-out stage takes, read off the graph's own unit params (``of``
-    is derived by the stage from the plan, so it is not passed)."""
-    probe = PlanConfig(name="probe")
-    units = stage.units(probe)
-    return tuple(k for k, _ in units[0].params if k != "of")
+# A fanned-out task gets one unit id per item from ``lever stage X --list-units`` (a JSON list of
+# ``Unit.id`` strings such as "shard0-of8" or "variantselector-shot1-shard0-of4") and selects it
+# with ``--unit-id``: ids, never data, so Argo's parameter size cap is never near.
+UNIT_PARAM = "unit-id"
+UNIT_FLAG = "--unit-id"
+LIST_FLAG = "--list-units"
+PARTIAL_FLAG = "--partial"  # summarize on whatever inputs exist (the runner's run_partial)
 
 
 def _stage_args(stage_name: str, *extra: str) -> list[str]:
@@ -142,8 +149,8 @@ def list_task_name(stage: Stage) -> str:
 def _stage_templates(platform: PlatformConfig) -> list[Container]:
     out: list[Container] = []
     for st in STAGES:
-        keys = unit_keys(st) if st.fanout != "none" else ()
-        unit_args = [a for k in keys for a in ("--unit", f"{k}={_in(k)}")]
+        keys = (UNIT_PARAM,) if st.fanout != "none" else ()
+        unit_args = [UNIT_FLAG, _in(UNIT_PARAM)] if keys else []
         out.append(_container(
             platform,
             name=stage_template_name(st),
@@ -158,7 +165,7 @@ def _stage_templates(platform: PlatformConfig) -> list[Container]:
             out.append(_container(
                 platform,
                 name=list_template_name(st),
-                args=_stage_args(st.name, "--list-units"),
+                args=_stage_args(st.name, LIST_FLAG),
                 image_param="slim-image",
                 kind="small",
                 stage=st.name,
@@ -167,7 +174,7 @@ def _stage_templates(platform: PlatformConfig) -> list[Container]:
     out.append(_container(
         platform,
         name=EXIT_HANDLER,
-        args=_stage_args(SUMMARIZE_STAGE, "--allow-partial"),
+        args=_stage_args(SUMMARIZE_STAGE, PARTIAL_FLAG),
         image_param="slim-image",
         kind="cpu",
         stage=SUMMARIZE_STAGE,
@@ -185,9 +192,8 @@ def _pipeline_dag() -> DAG:
             if st.fanout != "none":
                 Task(name=list_task_name(st), template=list_template_name(st),
                      arguments=_pass_through(), dependencies=deps or None)
-                items = {k: "{{item.%s}}" % k for k in unit_keys(st)}
                 Task(name=st.name, template=stage_template_name(st),
-                     arguments={**_pass_through(), **items},
+                     arguments={**_pass_through(), UNIT_PARAM: "{{item}}"},
                      with_param="{{tasks.%s.outputs.result}}" % list_task_name(st),
                      dependencies=[*deps, list_task_name(st)])
             else:
@@ -199,17 +205,24 @@ def _pipeline_dag() -> DAG:
 RUN_ID_EXPR = "{{=workflow.parameters['run-id'] != '' ? workflow.parameters['run-id'] : workflow.name}}"
 
 
+BASELINE_WHEN = ("{{=workflow.parameters.baseline != '%s' && "
+                 "workflow.parameters.baseline != workflow.parameters.plan}}" % NO_BASELINE)
+
+
 def _entry_dag() -> DAG:
+    """Baseline plan's pipeline (skipped when not needed), then the plan's."""
     dag = DAG(name=ENTRYPOINT)
     with dag:
         args = {n: "{{workflow.parameters.%s}}" % n for n in PARAM_NAMES}
         args["run-id"] = RUN_ID_EXPR
-        Task(name=PIPELINE, template=PIPELINE, arguments=args)
+        Task(name="baseline", template=PIPELINE, arguments={**args, "plan": "{{workflow.parameters.baseline}}"},
+             when=BASELINE_WHEN)
+        Task(name=PIPELINE, template=PIPELINE, arguments=args, dependencies=["baseline"])
     return dag
 
 
 def _exit_dag() -> DAG:
-    """``onExit`` target: always runs the summarizer with ``--allow-partial``.  After a
+    """``onExit`` target: always runs the summarizer with ``--partial``.  After a
     successful run the summarize artifact is already committed, so this is a cheap store hit;
     after a failure it writes the partial report."""
     dag = DAG(name="exit-handler")
@@ -238,7 +251,8 @@ def build_pipeline_template(platform: PlatformConfig, defaults: Optional[Default
         annotations={"workflows.argoproj.io/description": "Lever plan pipeline generated from lever.pipeline.graph.STAGES"},
         entrypoint=ENTRYPOINT,
         on_exit="exit-handler",
-        arguments=[Parameter(name=n, value=defaults.value(n), description=d) for n, d in PARAMS],
+        arguments=[*(Parameter(name=n, value=defaults.value(n), description=d) for n, d in PARAMS),
+                   Parameter(name=BASELINE_PARAM[0], value=DEFAULT_BASELINE, description=BASELINE_PARAM[1])],
         **workflow_spec_common(platform),
     )
     wt.templates = [*_stage_templates(platform), _pipeline_dag(), _entry_dag(), _exit_dag()]
@@ -249,6 +263,9 @@ def build_plan_workflow(plan: PlanConfig, profile: str, base: PlatformConfig) ->
     """A ``Workflow`` that runs ``plan`` through the installed template.  Only the arguments that
     differ from the template's defaults are written, so Helm values (image, store) still apply."""
     args = {"plan": plan.name, "profile": profile}
+    baseline = plan.baseline_plan if plan.baseline_plan and plan.baseline_plan != plan.name else NO_BASELINE
+    if baseline != DEFAULT_BASELINE:
+        args["baseline"] = baseline
     mine = Defaults.from_platform(plan.platform, plan.name, profile)
     theirs = Defaults.from_platform(base, plan.name, profile)
     for n in ("image", "slim-image", "store", "pushgateway"):

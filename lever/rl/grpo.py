@@ -31,7 +31,7 @@ from lever.rl.advantage import group_advantages, zero_variance_groups
 from lever.rl.groups import GroupData, batch_step_logprobs, scatter_rows
 from lever.rl.losses import kl_k3, ppo_terms
 from lever.rl.rce import reward_stats
-from lever.rl.trainer import EpochRecorder, check_finite, clip_and_check, mean
+from lever.rl.trainer import small_model_threads, EpochRecorder, check_finite, clip_and_check, mean
 from lever.rl.validation import evaluate
 from lever.selectors.pointer import SCORING_PREFIXES, PointerSelector, entropy, exact_kl, gather_sequence
 
@@ -117,6 +117,7 @@ def grpo_batch(
     return GRPOBatch(loss, ppo, ratio.detach(), clipped, k3_i, ex_i, act, ent)
 
 
+@small_model_threads
 def run_grpo(
     model: PointerSelector,
     emb: torch.Tensor,
@@ -211,3 +212,4 @@ def run_grpo(
         if recorder.epoch(phase, epoch, row):
             return rows, beta, True
     return rows, beta, False
+

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from lever.rl.advantage import group_advantages, zero_variance_groups
 from lever.rl.groups import GroupData, batch_step_logprobs, scatter_rows
 from lever.rl.losses import rce_loss
-from lever.rl.trainer import EpochRecorder, check_finite, clip_and_check, mean
+from lever.rl.trainer import small_model_threads, EpochRecorder, check_finite, clip_and_check, mean
 from lever.rl.validation import evaluate
 from lever.selectors.pointer import PointerSelector, entropy, gather_sequence
 
@@ -51,6 +51,7 @@ def reward_stats(data: GroupData) -> dict[str, Optional[float]]:
     }
 
 
+@small_model_threads
 def run_rce(
     model: PointerSelector,
     emb: torch.Tensor,
@@ -109,3 +110,4 @@ def run_rce(
         if recorder.epoch(phase, epoch, row):
             break
     return rows
+

@@ -6,10 +6,12 @@ leaves complete lines for the epochs it finished (the stage dir survives a kill)
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from rich.console import Console
@@ -104,3 +106,35 @@ class EpochRecorder:
 
 def mean(xs: list[float]) -> Optional[float]:
     return float(sum(xs) / len(xs)) if xs else None
+
+
+@contextlib.contextmanager
+def cpu_threads_for(model: torch.nn.Module, max_params: int = 5_000_000) -> Iterator[None]:
+    """Run a small CPU model single-threaded, restoring the thread count afterwards.
+
+    The selector's tensors are tiny (K x hidden per row); intra-op threading only adds
+    synchronisation, and on a shared 2-core box it made LayerNorm ~100x slower (measured).
+    GPU runs and large models are left alone.
+    """
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    small = sum(p.numel() for p in model.parameters()) <= max_params
+    if not (on_cpu and small):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def small_model_threads(fn: Callable) -> Callable:
+    """Decorator: run ``fn(model, ...)`` inside :func:`cpu_threads_for` (model = first argument)."""
+
+    @functools.wraps(fn)
+    def wrapper(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with cpu_threads_for(model):
+            return fn(model, *args, **kwargs)
+
+    return wrapper

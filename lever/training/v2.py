@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from lever.pipeline.context import StageError
 from lever.rl.groups import GroupData, batch_step_logprobs, build_groups
-from lever.rl.trainer import EpochRecorder, check_finite, clip_and_check, mean
+from lever.rl.trainer import small_model_threads, EpochRecorder, check_finite, clip_and_check, mean
 from lever.selectors.pointer import PointerSelector, eval_mode, gather_sequence, greedy
 
 
@@ -102,6 +102,7 @@ def evaluate_v2(model: PointerSelector, emb: torch.Tensor, data: GroupData, batc
     return {"val_loss": ce_sum / max(n_rows, 1), "val_top1": top1 / len(data), "val_best_in_top": in_top / len(data)}
 
 
+@small_model_threads
 def run_v2(
     model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData, cfg: Any, *,
     recorder: EpochRecorder, seed: int = 0, grad_clip: float = 1.0, phase: str = "v2",
@@ -135,3 +136,4 @@ def run_v2(
         if recorder.epoch(phase, epoch, row):
             break
     return rows
+
