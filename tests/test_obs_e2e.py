@@ -2,13 +2,14 @@
 it and evaluates the shipped rules, and the KL alert fires in Prometheus's API.
 
 Both servers are Debian's binaries started on free loopback ports with their own temp storage,
-and always stopped by the fixture finalizers.  The training is a small GRPO-style loop of our own
-(policy over candidates, frozen reference, huge learning rate) so that KL is forced past
-``alerts.kl_max``; once helper C's trainer is in, it can drive the same Telemetry instead.
+and always stopped by the fixture finalizers.  The training is the project's own GRPO loop
+(``lever.rl.grpo.run_grpo`` with its ``EpochRecorder`` feeding telemetry and the guard hook) on
+synthetic groups with a huge learning rate, so that KL is forced past ``alerts.kl_max``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -21,12 +22,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import pytest
-import torch
+from rich.console import Console
 
-from lever.config.schema import AlertConfig
+from lever.config.schema import AlertConfig, GRPOConfig, RewardConfig, SelectorConfig
 from lever.obs.alerts import render
 from lever.obs.guard import DivergenceGuard
 from lever.obs.telemetry import Telemetry
+from lever.rl.groups import build_groups
+from lever.rl.grpo import frozen_copy, run_grpo
+from lever.rl.synthetic import make_rl_records, synthetic_embeddings
+from lever.rl.trainer import EpochRecorder
+from lever.rl.validation import split_records
+from lever.selectors.pointer import build_selector
 
 pytestmark = pytest.mark.integration
 
@@ -129,54 +136,20 @@ def prometheus(tmp_path: Path, pushgateway: str) -> Iterator[str]:
         _stop(proc)
 
 
-def diverging_training(tel: Telemetry, guard: DivergenceGuard, epochs: int = 8, steps: int = 4) -> Optional[str]:
-    """GRPO-style loop over a categorical policy whose best candidate the frozen reference finds
-    nearly impossible; with lr 50 the policy jumps onto it and KL(policy || reference) explodes."""
-    gen = torch.Generator().manual_seed(0)
-    k, group = 32, 16
-    ref_logits = torch.randn(k, generator=gen) * 2.0
-    best = int(torch.argmin(ref_logits))
-    ref_logits[best] = ref_logits.min() - 20.0  # reference puts ~e^-20 on the rewarded candidate
-    reward = torch.zeros(k)
-    reward[best] = 1.0
-    logits = torch.nn.Parameter(ref_logits.clone())
-    opt = torch.optim.SGD([logits], lr=50.0)
-    ref_logp = torch.log_softmax(ref_logits, -1)
-    for epoch in range(1, epochs + 1):
-        rows = []
-        for step in range(steps):
-            logp = torch.log_softmax(logits, -1)
-            # explore uniformly so the rare candidate is found; importance-weight the policy term
-            idx = torch.randint(0, k, (group,), generator=gen)
-            r = reward[idx]
-            adv = (r - r.mean()) / r.std().clamp_min(0.1)
-            ppo_loss = -(adv * logp[idx]).mean()
-            with torch.no_grad():
-                pol = logp.exp()
-                kl_exact = float((pol * (logp - ref_logp)).sum())
-                samp = torch.multinomial(pol, group, replacement=True, generator=gen)
-                log_ratio = ref_logp[samp] - logp[samp]
-                kl_k3 = float((log_ratio.exp() - 1 - log_ratio).mean())
-            opt.zero_grad()
-            ppo_loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_([logits], 1e9))
-            opt.step()
-            tel.step("grpo", (epoch - 1) * steps + step, {"kl": kl_k3, "ppo_loss": ppo_loss.item(),
-                                                          "reward": float(r.mean()), "grad_norm": grad_norm})
-            rows.append((ppo_loss.item(), kl_k3, kl_exact, float(adv.std()), float(adv.abs().max()),
-                         float(r.mean()), float(r.std()), grad_norm))
-        mean = [sum(c) / len(c) for c in zip(*rows)]
-        metrics = {"train_loss": mean[0], "val_loss": mean[0], "ppo_loss": mean[0], "kl_k3": mean[1],
-                   "kl_exact": mean[2], "adv_std": mean[3], "adv_max": mean[4], "beta": 0.0,
-                   "reward_mean": mean[5], "reward_std": mean[6], "grad_norm": mean[7],
-                   "zero_std_frac": 0.0, "clip_frac": 0.0,
-                   "entropy": float(-(logits.softmax(-1) * logits.log_softmax(-1)).sum().detach())}
-        metrics["kl_k3"], metrics["kl_exact"] = rows[-1][1], rows[-1][2]  # KL of the epoch's final policy
-        tel.epoch("grpo", epoch, metrics)
-        reason = guard("grpo", epoch, metrics)
-        if reason:
-            return reason
-    return None
+def diverging_grpo(tel: Telemetry, guard: DivergenceGuard, out: Path) -> EpochRecorder:
+    """The project's GRPO loop on synthetic groups with a huge learning rate (0.5, no KL penalty):
+    the policy leaves the frozen reference in the first epoch and KL explodes."""
+    n_items, dim = 160, 16
+    emb, u = synthetic_embeddings(n_items, dim, 0)
+    train_recs, val_recs = split_records(make_rl_records(emb, u, query_ids=list(range(64)), group_sizes=(4, 8), seed=1), 0.25)
+    rc = RewardConfig()
+    train = build_groups(train_recs, n_items=n_items, reward_cfg=rc)
+    val = build_groups(val_recs, n_items=n_items, reward_cfg=rc)
+    model = build_selector(dim, SelectorConfig(hidden=32, dropout=0.0), seed=0)
+    cfg = GRPOConfig(lr=0.5, batch_size=16, kl_beta=0.0, rank_advantage=False, freeze_backbone=False)
+    rec = EpochRecorder(out, telemetry=tel, hooks=[guard], console=Console(file=io.StringIO()))
+    run_grpo(model, emb, train, val, cfg, epochs=5, reference=frozen_copy(model), recorder=rec)
+    return rec
 
 
 def _query(prom: str, expr: str) -> list[dict[str, Any]]:
@@ -187,16 +160,18 @@ def _query(prom: str, expr: str) -> list[dict[str, Any]]:
 
 
 @needs_servers
-def test_kl_alert_fires_from_pushed_training_metrics(prometheus: str, pushgateway: str) -> None:
+def test_kl_alert_fires_from_pushed_training_metrics(prometheus: str, pushgateway: str, tmp_path: Path) -> None:
     alerts = AlertConfig(guard="stop")
     run_id = f"e2e-{int(time.time())}"
     tel = Telemetry("plan-e2e", run_id, "train-grpo", pushgateway, alerts=alerts, push_interval_s=0.0)
     tel.start()
     t0 = time.monotonic()
-    reason = diverging_training(tel, DivergenceGuard(alerts))
-    tel.stage_done("stopped" if reason else "succeeded", time.monotonic() - t0)
+    rec = diverging_grpo(tel, DivergenceGuard(alerts), tmp_path / "out")
+    tel.stage_done("stopped" if rec.stopped else "succeeded", time.monotonic() - t0)
     assert tel.pushes_failed == 0 and tel.pushes_ok >= 3
-    assert reason is not None and "KL above" in reason, reason  # the guard stopped the divergence
+    # the guard stopped the divergence and the trainer recorded why
+    assert rec.stopped is not None and "KL above" in rec.stopped["reason"], rec.stopped
+    assert json.loads((tmp_path / "out" / "stopped.json").read_text())["reason"] == rec.stopped["reason"]
 
     # Prometheus scraped the pushed series (honor_labels keeps plan/run_id/stage)
     sel = f'{{plan="plan-e2e",run_id="{run_id}",stage="train-grpo"}}'
@@ -232,3 +207,16 @@ def test_fanned_out_units_keep_separate_groups(pushgateway: str) -> None:
     lines = [ln for ln in body.decode().splitlines() if ln.startswith("lever_infer_accuracy{")]
     shots = {ln.split('shot="')[1].split('"')[0]: float(ln.rsplit(" ", 1)[1]) for ln in lines if 'run_id="units"' in ln}
     assert shots == {"1": 0.5015, "2": 0.4833}
+
+
+@needs_servers
+def test_dashboard_queries_are_valid_promql(prometheus: str) -> None:
+    """Every panel query, with the template variables filled in, is accepted by a real Prometheus."""
+    from lever.obs.dashboard import build_dashboard
+
+    dash = build_dashboard()
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert exprs
+    for expr in exprs:
+        concrete = expr.replace("$plan", ".*").replace("$run_id", ".*")
+        _query(prometheus, concrete)  # asserts status == success (a parse error is HTTP 400)

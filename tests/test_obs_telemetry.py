@@ -88,6 +88,8 @@ def test_nonfinite_flag_is_sticky_and_set_from_steps(tel: Telemetry) -> None:
     tel.epoch("rce", 1, {"val_loss": float("inf")})
     assert value(tel, "lever_train_loss_nonfinite", phase="rce") == 1
     assert math.isinf(value(tel, "lever_train_val_loss", phase="rce"))
+    tel.nonfinite("v2", "loss")  # the trainer caught it before reporting the value
+    assert value(tel, "lever_train_loss_nonfinite", phase="v2") == 1
 
 
 def test_progress_accuracy_nightly_and_stage_done(tel: Telemetry) -> None:

@@ -14,6 +14,15 @@ from lever.selectors.checkpoint import from_v2_state, load_checkpoint, save_chec
 from lever.selectors.pointer import build_selector, sequence_logprob
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny tensors: intra-op threads only add contention on the shared CI cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _model(hidden: int = 16, layers: int = 2):
     return build_selector(8, SelectorConfig(hidden=hidden, layers=layers, heads=2, dropout=0.2), seed=3)
 

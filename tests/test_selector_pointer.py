@@ -20,6 +20,15 @@ from lever.selectors.pointer import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny tensors: intra-op threads only add contention on the shared CI cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _model(layers: int = 1, dropout: float = 0.3, seed: int = 0):
     return build_selector(8, SelectorConfig(hidden=16, layers=layers, heads=2, dropout=dropout), seed=seed)
 

@@ -32,17 +32,19 @@ def main(argv: list[str] | None = None) -> None:
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except Exception as exc:  # click usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(exc, click.exceptions.Abort):
+    except Exception as exc:  # usage errors arrive here with standalone_mode=False
+        # typer 0.29 vendors click as typer._click; older typer uses click itself
+        try:
+            from typer import _click as click_mod  # type: ignore[attr-defined]
+        except ImportError:  # pragma: no cover - older typer
+            import click as click_mod
+        if type(exc).__name__ == "Abort":  # Ctrl-C at a prompt
             print("aborted", file=sys.stderr)
             sys.exit(130)
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, click_mod.exceptions.ClickException):
             exc.show()
-            sys.exit(2)
+            sys.exit(exc.exit_code if exc.exit_code else 2)
         raise
-
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,7 @@ def validate_cmd(
     kind: str = typer.Argument(..., help="rl-data | plan | predictions | checkpoint"),
     file: Path = typer.Argument(..., help="the file (a checkpoint: its .safetensors, .json or common stem)"),
     plan: Optional[str] = typer.Option(None, "--plan", help="checkpoint: also compare its architecture with this plan's selector"),
-    profile: Optional[str] = typer.Option(None, "--profile", "-p", help="profile for --plan"),
+    profile: Optional[str] = typer.Option(None, "--profile", "-p", help="profile overlay for a plan (as `lever run --profile`) and for --plan"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the problems"),
 ) -> None:
     """Check FILE the way the stage that reads it would; print each problem with file, line, field."""
@@ -33,7 +33,7 @@ def validate_cmd(
         from lever.config import load_plan
 
         cfg = load_plan(plan, profile)
-    problems = validate(kind, file, cfg)
+    problems = validate(kind, file, cfg, profile=profile)
     for p in problems:
         typer.echo(str(p))
     if problems:

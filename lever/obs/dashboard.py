@@ -18,6 +18,12 @@ from lever.config.schema import AlertConfig
 SCHEMA_VERSION = 39
 DASHBOARD_UID = "lever-training"
 SEL = '{plan=~"$plan",run_id=~"$run_id"}'
+
+
+def sel(extra: str) -> str:
+    """SEL with one more matcher, e.g. sel('stage="summarize"')."""
+    return SEL[:-1] + "," + extra + "}"
+
 DS = {"type": "prometheus", "uid": "${datasource}"}
 
 
@@ -70,6 +76,7 @@ def _panel(
 
 def _panels(a: AlertConfig) -> list[dict[str, Any]]:
     lp = "{{phase}}"
+    report, shards = sel('stage="summarize"'), sel('stage!="summarize"')
     return [
         _panel("KL (policy || reference)", [(f"lever_train_kl{SEL}", f"{lp} {{{{estimator}}}} {{{{run_id}}}}")],
                unit="none", threshold=a.kl_max,
@@ -97,9 +104,13 @@ def _panels(a: AlertConfig) -> list[dict[str, Any]]:
         _panel("Gradient norm", [(f"lever_train_grad_norm{SEL}", f"epoch {lp} {{{{run_id}}}}"),
                                  (f"lever_train_step_grad_norm{SEL}", f"step {lp} {{{{run_id}}}}")]),
         _panel("Per-shot accuracy vs baseline",
-               [(f"max by (plan, variant, shot) (lever_infer_accuracy{SEL})", "{{plan}} {{variant}} {{shot}}-shot"),
+               [(f"max by (plan, variant, shot) (lever_infer_accuracy{report})\n"
+                 f"or avg by (plan, variant, shot) (lever_infer_accuracy{shards})",
+                 "{{plan}} {{variant}} {{shot}}-shot"),
                 (f"max by (plan, shot) (lever_nightly_baseline_accuracy{SEL})", "baseline plan {{shot}}-shot")],
-               kind="bargauge", unit="percentunit", minmax=(0, 1)),
+               kind="bargauge", unit="percentunit", minmax=(0, 1),
+               description="Whole-split accuracy from the report (summarize stage); before it exists, the mean "
+                           "over inference shards."),
         _panel("Nightly accuracy minus baseline", [(f"lever_nightly_accuracy_delta{SEL}", "{{plan}} {{shot}}-shot")],
                kind="bargauge", unit="percentunit", threshold=-a.regression_margin / 100.0,
                minmax=(-0.1, 0.1)),
@@ -114,9 +125,14 @@ def _panels(a: AlertConfig) -> list[dict[str, Any]]:
         _panel("Divergence signals",
                [(f"lever_train_val_loss_rising_epochs{SEL}", f"val loss rising epochs {lp}"),
                 (f"lever_train_advantage_std_low_epochs{SEL}", f"adv std low epochs {lp}"),
-                (f"lever_train_loss_nonfinite{SEL}", f"non-finite {lp}"),
-                (f"time() - lever_last_push_timestamp_seconds{SEL}", "seconds since report {{stage}}")],
-               unit="short", threshold=float(a.val_loss_rising_epochs)),
+                (f"lever_train_loss_nonfinite{SEL}", f"non-finite {lp}")],
+               unit="short", threshold=float(a.val_loss_rising_epochs),
+               description="Client-side epoch streaks the alerts threshold (see lever/obs/trends.py)."),
+        _panel("Time since last report (running stages)",
+               [(f"(time() - lever_last_push_timestamp_seconds{SEL}) and lever_stage_running{SEL} == 1",
+                 "{{stage}} {{unit}}")],
+               unit="s", threshold=a.stalled_minutes * 60.0,
+               description="LeverPipelineStalled fires above the red line."),
     ]
 
 

@@ -15,7 +15,7 @@ Why this shape:
   series as the Pushgateway path.
 
 The hooks the pipeline calls (``ctx.telemetry``) are ``epoch``, ``step``, ``progress``,
-``accuracy``, ``stage_done`` and ``nightly``; ``_NullTelemetry`` accepts the same calls.
+``accuracy``, ``stage_done``, ``nightly`` and ``nonfinite``; ``NullTelemetry`` accepts the same calls.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any, Mapping, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from prometheus_client.exposition import push_to_gateway
 
 from lever.config.schema import AlertConfig
@@ -35,6 +35,10 @@ from lever.obs.server import MetricsServer, serve_metrics, serve_process_metrics
 from lever.obs.trends import TrendTracker, as_float, nonfinite_keys
 
 log = logging.getLogger("lever.obs")
+
+# Counters' ``*_created`` samples are one extra series per counter child in every Pushgateway
+# group and nobody queries them (a pushed group is a snapshot): off for the process.
+disable_created_metrics()
 
 PUSH_JOB = "lever"
 ENV_PUSHGATEWAY = "LEVER_PUSHGATEWAY_URL"
@@ -229,6 +233,16 @@ class Telemetry:
         elif phase not in self._nonfinite_phases:
             g.set(0)
 
+    def nonfinite(self, phase: str, what: str) -> None:
+        """Flag a NaN/Inf the trainer caught itself (it raises before reporting the value), and push
+        now: the stage is about to fail, and this is what makes ``LeverNonFiniteLoss`` fire."""
+        try:
+            with self._lock:
+                self._mark_nonfinite(phase, [what])
+            self.push(force=True)
+        except Exception as exc:
+            log.warning("telemetry.nonfinite failed: %s", exc)
+
     def step(self, phase: str, step: int, metrics: Mapping[str, Any]) -> None:
         """Record the last optimisation step; pushes at most every ``push_interval_s``."""
         try:
@@ -406,6 +420,9 @@ class NullTelemetry:
         return None
 
     def step(self, phase: str, step: int, metrics: Mapping[str, Any]) -> None:
+        return None
+
+    def nonfinite(self, phase: str, what: str) -> None:
         return None
 
     def progress(self, done: int, total: int, lvlm_calls: int = 0) -> None:

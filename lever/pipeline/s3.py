@@ -8,7 +8,8 @@ the manifest last, so an artifact is visible (committed) only once all its bytes
 Configuration comes from the environment only: ``LEVER_S3_ENDPOINT`` or ``AWS_ENDPOINT_URL``
 (unset = AWS), ``AWS_REGION``/``AWS_DEFAULT_REGION``, credentials from boto3's default chain
 (env vars, shared config, IRSA / instance profile).  Nothing here logs or records them.
-``LEVER_CACHE_DIR`` (default ``~/.cache/lever``) holds the local cache and staging.
+``LEVER_STORE_CACHE`` (else ``LEVER_CACHE_DIR``, else ``~/.cache/lever``) holds the local cache
+and staging (``s3/{bucket}/{prefix}/`` below it).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ class S3Store(Store):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        base = Path(cache_dir or os.environ.get("LEVER_CACHE_DIR") or Path.home() / ".cache" / "lever")
+        base = Path(cache_dir or os.environ.get("LEVER_STORE_CACHE") or os.environ.get("LEVER_CACHE_DIR")
+                    or Path.home() / ".cache" / "lever")
         self.cache = base.expanduser().resolve() / "s3" / bucket / (self.prefix.replace("/", "__") or "_root")
         self.cache.mkdir(parents=True, exist_ok=True)
         self._client = client

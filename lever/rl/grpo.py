@@ -14,6 +14,11 @@ are reported.
   and the reported KL is measured against the starting policy, for monitoring only.
 * Adaptive beta: after each epoch, beta *= factor when the KL in use > kl_high, /= factor when
   < kl_low.  PPO-clip only = kl_beta 0.
+* k3 is evaluated on the group's candidates, which are *not* samples of the policy (InfoScore and
+  v2 beams, retrieval, random).  There it is not a KL estimate: once the policy pushes a bad
+  candidate tens of nats below the reference, exp(ref - logp) explodes (measured on the tiny plan5
+  run: k3 ~ 1e13 while the exact KL was ~2).  The log-ratio inside k3 is clamped like the PPO ratio
+  so it stays finite; ``kl_estimator: exact`` is the estimator that means what it says.
 * freeze_backbone trains only the scoring layers ``score_q`` / ``score_c`` (the final projections
   of the query state and the candidate keys); everything before them is frozen.
 """
@@ -106,7 +111,9 @@ def grpo_batch(
         ref_step = batch_step_logprobs(ref, emb, data, qsel)[0]
         ref_logp = gather_sequence(ref_step, seqs)
     ppo_i, ratio, clipped = ppo_terms(logp, old_logp, A, eps=cfg.clip_eps, log_ratio_clamp=cfg.log_ratio_clamp)
-    k3_i = kl_k3(logp, ref_logp)
+    # k3 on the same clamped log-ratio as the PPO ratio: on off-policy group candidates the policy
+    # may sit tens of nats below the reference and exp() would overflow to inf
+    k3_i = kl_k3(logp, logp + (ref_logp - logp).clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp))
     ex_i = exact_kl(step_lp, ref_step)
     ent = float(entropy(step_lp.detach()).mean())
     if not bool(act.any()):

@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 from lever.pipeline.context import StageError
-from lever.selectors.checkpoint import atomic_write_bytes, atomic_write_json
+from lever.selectors.checkpoint import atomic_write_bytes, atomic_write_json, json_safe as _json_safe
 
 EpochHook = Callable[[str, int, dict], Optional[str]]
 
@@ -75,9 +75,9 @@ class EpochRecorder:
         row.update(metrics)
         row["phase"], row["epoch"] = phase, epoch
         self.epochs.append(row)
-        body = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.epochs)
+        body = "".join(json.dumps(_json_safe(r), sort_keys=True) + "\n" for r in self.epochs)
         atomic_write_bytes(self.out / "metrics.jsonl", body.encode("utf-8"))
-        body = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.steps)
+        body = "".join(json.dumps(_json_safe(r), sort_keys=True) + "\n" for r in self.steps)
         atomic_write_bytes(self.out / "steps.jsonl", body.encode("utf-8"))
         self._print(phase, row)
         if self.telemetry is not None:

@@ -19,6 +19,7 @@ not match what its meta describes, naming the first offending key.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -65,6 +66,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def json_safe(row: dict) -> dict:
+    """JSON has no NaN/inf: such values become null and their keys are listed under ``nonfinite``."""
+    bad = sorted(k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v))
+    if not bad:
+        return row
+    return {**{k: (None if k in bad else v) for k, v in row.items()}, "nonfinite": bad}
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -157,7 +166,7 @@ def save_checkpoint(
         "config_hash": config_hash,
         "epoch": int(epoch),
         "phase": phase,
-        "metrics": metrics or {},
+        "metrics": json_safe(dict(metrics or {})),
     }
     if extra:
         meta.update(extra)

@@ -181,11 +181,13 @@ VALIDATORS: dict[str, Callable[..., list[str]]] = {
 }
 
 
-def validate(kind: str, path: Path | str, plan: Optional[object] = None) -> list[Problem]:
+def validate(kind: str, path: Path | str, plan: Optional[object] = None, *, profile: Optional[str] = None) -> list[Problem]:
     """Every problem ``kind``'s consuming stage would have with ``path`` ([] = valid)."""
     if kind not in VALIDATORS:
         raise ValueError(f"unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
     path = Path(path)
     if kind != "checkpoint" and not path.exists():
         return [Problem(f"{path}: file not found")]
+    if kind == "plan":
+        return [Problem(p) for p in validate_plan(path, plan, profile)]
     return [Problem(p) for p in VALIDATORS[kind](path, plan)]
