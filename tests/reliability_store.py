@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import TYPE_CHECKING, Mapping, Optional, Union
 
 from lever.pipeline.graph import Unit
-from lever.pipeline.runner import Pipeline
+
+if TYPE_CHECKING:  # imported lazily: the fake-graph driver below must patch the graph first
+    from lever.pipeline.runner import Pipeline
 
 Content = Union[bytes, str, Path]
 
@@ -37,7 +39,7 @@ def _bytes(c: Content) -> bytes:
     return c.encode("utf-8") if isinstance(c, str) else c
 
 
-def seed(pipe: Pipeline, stage: str, files: Mapping[str, Content], unit: Optional[Unit] = None) -> list[str]:
+def seed(pipe: "Pipeline", stage: str, files: Mapping[str, Content], unit: Optional[Unit] = None) -> list[str]:
     """Commit ``files`` (relative name -> content) as every unit (or one unit) of ``stage``."""
     keys = []
     for u in [unit] if unit is not None else pipe.select_units(stage):
@@ -66,3 +68,47 @@ def load_corpus_module():
     assert spec.loader is not None
     spec.loader.exec_module(mod)
     return mod
+
+
+# -- `lever run` with fake stage functions, for kill tests in a subprocess ---------------------------
+
+def hang_or_run(ctx) -> None:
+    """The fake stage of ``ctx.stage`` (tests/test_runner_fakes.py); when ``$LEVER_TEST_HANG``
+    names this unit ("stage:unit-id") and ``$LEVER_TEST_HANG_FLAG`` does not exist yet, it then
+    creates the flag and blocks, uncommitted, so the test can SIGKILL the run at that point."""
+    import os
+    import time
+
+    import test_runner_fakes as fakes
+
+    getattr(fakes, fakes.FUNCS.get(ctx.stage, "generic"))(ctx)
+    spec, flag = os.environ.get("LEVER_TEST_HANG", ""), os.environ.get("LEVER_TEST_HANG_FLAG", "")
+    if spec and flag and spec == f"{ctx.stage}:{ctx.unit.id}" and not Path(flag).exists():
+        Path(flag).write_text(str(os.getpid()))
+        time.sleep(120)  # bounded: the test kills us long before
+
+
+def fake_graph():
+    import dataclasses
+
+    from lever.pipeline.graph import STAGES
+
+    return tuple(st if st.name == "summarize" else dataclasses.replace(st, func="reliability_store:hang_or_run")
+                 for st in STAGES)
+
+
+def main(argv: list[str]) -> None:
+    """``python tests/reliability_store.py run PLAN ...``: the real ``lever`` CLI on the fake graph."""
+    import lever.pipeline.graph as graph
+
+    graph.STAGES = fake_graph()
+    graph.BY_NAME = {s.name: s for s in graph.STAGES}
+    from lever.cli import main as lever_main  # imports the runner after the patch: it binds STAGES
+
+    lever_main(argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

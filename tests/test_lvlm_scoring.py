@@ -153,3 +153,12 @@ def test_postprocess_generation(raw, expected):
 def test_empty_answer_is_refused(lvlm, images):
     with pytest.raises(ValueError):
         lvlm.answer_logprob([prompt_with_images(images, 1)], [""])
+
+
+@pytest.mark.parametrize("answer", ["red", "2", "two purple triangles", " blue", "a\\nb"])
+def test_tail_tokenization_equals_whole_text_tokenization(lvlm, images, answer):
+    prompt = prompt_with_images(images, 2)
+    enc = lvlm.encode(prompt, answer)
+    text = lvlm._expand(lvlm.prompt_text(prompt), enc.images)
+    whole = lvlm.tokenizer(text + answer, add_special_tokens=False)["input_ids"]
+    assert enc.ids == whole

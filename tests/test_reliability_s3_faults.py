@@ -81,7 +81,7 @@ def test_multipart_upload_really_happens_and_round_trips(s3, tmp_path):
 
 
 TRANSIENT = {
-    "throttled": [Fault("503", times=4)],
+    "throttled": [Fault("503", times=3)],
     "server-errors": [Fault("500", times=3)],
     "dropped-connections": [Fault("drop", times=3)],
     "truncated-bodies": [Fault("truncate", method="GET", match="big.bin", times=2),

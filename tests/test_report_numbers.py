@@ -114,10 +114,24 @@ def test_compare_table(built):
     store, plan, base, _ = built
     table = compare_plans([plan, base, load_plan("plan2", "tiny", SMALL)], store, stages=fake_stages())
     names = [r["name"] for r in table["rows"]]
-    assert names[:1] == ["plan1"] and "baseline" in names and "random" in names and names.count("random") == 1
+    assert names[:3] == ["plan1", "baseline", "plan2"] and names.count("random") == 1 and "retrieval" in names
     row = {r["name"]: r for r in table["rows"]}
     assert row["plan2"]["avg"] is None and row["plan2"]["acc"]["1"] is None  # never run
     best_avg = max(r["avg"] for r in table["rows"] if r["avg"] is not None)
     assert [r["name"] for r in table["rows"] if r["avg"] == best_avg] == table["best"]["avg"]
     md = render_markdown(table)
     assert "| plan1 |" in md and "**" in md and "—" in md
+
+
+def test_partial_report_rewritten_for_same_run_id(built):
+    store, plan, base, _ = built
+    plan2 = load_plan("plan1", "tiny", SMALL + ["grpo.epochs=2"])
+    first = Pipeline(plan2, store, stages=fake_stages(), baseline=base, run_id="r-again").run_partial("summarize")
+    before = json.loads((store.open(first.key) / "report.json").read_text())
+    # more inputs exist now: GRPO finished
+    pipe = Pipeline(plan2, store, stages=fake_stages(), baseline=base, run_id="r-again")
+    for name in ("train-grpo", "select-checkpoint"):
+        pipe.run_stage(name)
+    second = pipe.run_partial("summarize")
+    after = json.loads((store.open(second.key) / "report.json").read_text())
+    assert second.key == first.key and before["checkpoint"] is None and after["checkpoint"]["checkpoint"] == "grpo_epoch2"

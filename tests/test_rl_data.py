@@ -100,3 +100,29 @@ def test_mixed_sequence_lengths_rejected(tmp_path, records):
     c["icd_ids"] = c["icd_ids"][:1]
     with pytest.raises(StageError, match="query_id 9: field 'candidates\\[0\\].icd_ids': sequence of length 1"):
         read_rl_data([_write(tmp_path, recs)])
+
+
+def test_every_problem_is_listed_in_one_error(tmp_path, records):
+    from lever.rl.data import check_rl_data
+
+    recs = copy.deepcopy(records)
+    recs[0]["candidates"][0]["acc_score"] = "x"
+    recs[0]["candidates"][2]["source"] = "beam_search"
+    recs[3]["image_id"] = None
+    p = _write(tmp_path, recs)
+    good, problems = check_rl_data([p])
+    assert [r["query_id"] for r in good] == [5, 7]
+    assert len(problems) == 3
+    assert "line 1, query_id 3: field 'candidates[0].acc_score'" in problems[0]
+    assert "line 1, query_id 3: field 'candidates[2].source'" in problems[1]
+    assert "line 4, query_id 9: field 'image_id'" in problems[2]
+    with pytest.raises(StageError) as e:
+        read_rl_data([p])
+    assert all(x in str(e.value) for x in problems) and "(3 problems)" in str(e.value)
+
+
+def test_newer_schema_asks_for_an_upgrade(tmp_path, records):
+    recs = copy.deepcopy(records)
+    recs[0]["schema_version"] = 2
+    with pytest.raises(StageError, match=r"line 1, query_id 3: field 'schema_version': 2 was written by a newer Lever .* upgrade lever"):
+        read_rl_data([_write(tmp_path, recs)])

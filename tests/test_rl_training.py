@@ -45,7 +45,7 @@ def _model(seed=0, dropout=0.1):
 
 
 def _rec(tmp_path, hooks=None):
-    return EpochRecorder(tmp_path, hooks=hooks, console=Console(file=io.StringIO()))
+    return EpochRecorder(tmp_path, on_epoch_end=hooks, console=Console(file=io.StringIO()))
 
 
 def test_split_is_by_sorted_query_id():
@@ -113,13 +113,13 @@ def test_rce_loss_batched_equals_per_group_loop():
     qsel = torch.arange(len(g))
     step_lp, seqs, rq, rg = batch_step_logprobs(m, emb, g, qsel)
     logp = scatter_rows(gather_sequence(step_lp, seqs), rq, rg, tuple(g.group_mask.shape))
-    batched = float(rce_loss(logp, g.rewards, g.group_mask, 0.7))
+    batched = float(rce_loss(logp, g.rewards, g.group_mask, 0.7).detach())
     per = []
     for q in range(len(g)):
         n = int(g.group_mask[q].sum())
         lp = torch.stack([gather_sequence(batch_step_logprobs(m, emb, g, torch.tensor([q]))[0], g.seqs[q, :n])])
         w = torch.softmax(g.rewards[q, :n] / 0.7, 0)
-        per.append(float((w * -lp[0]).sum()))
+        per.append(float((w * -lp[0]).sum().detach()))
     assert batched == pytest.approx(sum(per) / len(per), rel=1e-5)
 
 
@@ -197,3 +197,41 @@ def test_non_finite_metrics_are_written_as_null_and_listed(tmp_path):
     row = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert row["kl_k3"] is None and row["nonfinite"] == ["kl_k3"] and row["val_loss"] == 1.0
     assert seen == [float("inf")]  # hooks (the divergence guard) still see the raw value
+
+
+def _hand_groups(outcomes: list[list[tuple[bool, float]]]):
+    emb, u = synthetic_embeddings(60, DIM, 0)
+    recs = make_rl_records(emb, u, query_ids=list(range(len(outcomes))), pool_size=8, group_sizes=(6, 6), seed=0)
+    for r, outs in zip(recs, outcomes):
+        r["candidates"] = r["candidates"][: len(outs)]
+        for c, (ok, acc) in zip(r["candidates"], outs):
+            c["correct"], c["acc_score"] = ok, acc
+    return emb, build_groups(recs, n_items=60, reward_cfg=RewardConfig())
+
+
+def test_curriculum_buckets_hand_worked():
+    from lever.config.schema import CurriculumConfig
+    from lever.rl.curriculum import phase1_indices, positive_indices, quality_buckets
+
+    _, g = _hand_groups([
+        [(True, 1.0)] * 3 + [(False, 0.0)] * 3,  # gap 2.0, 3 pos / 3 neg -> high
+        [(True, 0.3)] * 2 + [(False, 0.0)] * 2,  # gap 1.3, 2 / 2 -> medium
+        [(True, 1.0)] * 3 + [(False, 0.3)] * 3,  # gap 2.0 - 0.3 = 1.7 >= 1.5, 3 / 3 -> high
+        [(True, 1.0)] + [(False, 0.0)] * 5,  # one positive -> low
+        [(False, 0.0)] * 4,  # no positive, zero variance -> low
+    ])
+    buckets = quality_buckets(g, CurriculumConfig())
+    assert buckets == ["high", "medium", "high", "low", "low"]
+    assert phase1_indices(g, CurriculumConfig()).tolist() == [0, 1, 2]
+    assert positive_indices(g).tolist() == [0, 1, 2, 3]
+
+
+def test_reference_none_drops_the_kl_term_but_still_reports_kl(data, tmp_path):
+    emb, train, val = data
+    m = _model()
+    cfg = GRPOConfig(epochs=2, lr=1e-2, kl_beta=0.5, rank_advantage=False, freeze_backbone=False)
+    rows, _, _ = run_grpo(m, emb, train, val, cfg, epochs=2, reference=None, recorder=_rec(tmp_path))
+    assert all(r["beta"] == 0.0 for r in rows)
+    assert rows[-1]["kl_exact"] > 0  # measured against the starting policy
+    # with no KL term the loss is the PPO loss alone
+    assert rows[0]["train_loss"] == pytest.approx(rows[0]["ppo_loss"], abs=1e-7)

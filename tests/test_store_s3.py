@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -100,3 +99,34 @@ def test_fake_pipeline_on_s3(s3, tmp_path, monkeypatch):
     for n in names:
         body = client(endpoint).get_object(Bucket=bucket, Key=n)["Body"].read()
         assert b"lever-test-secret" not in body and b"AKIALEVERTEST" not in body
+
+
+def test_killed_unit_resumes_on_another_machine(s3, tmp_path, monkeypatch):
+    """A failing unit leaves a staging snapshot in the bucket; a runner with an empty cache (another
+    node) restores it and the resumable fake infer only adds the missing rows."""
+    endpoint, bucket = s3
+    monkeypatch.setenv("LEVER_FAKE_LOG", str(tmp_path / "calls.log"))
+    monkeypatch.setenv("LEVER_STAGING_SYNC_S", "30")
+    small = ["infer.num_samples=8", "infer.shards=1", "infer.shots=[1]", "infer.baselines=[random]"]
+    plan = load_plan("baseline", "tiny", small)
+    a = S3Store(bucket, "lever", cache_dir=tmp_path / "node-a")
+    run_plan(plan, a, stages=fake_stages(), jobs=1, only=["export-embeddings"])
+    pipe = Pipeline(plan, a, stages=fake_stages())
+    unit = pipe.select_units("infer", filters={"variant": "random"})[0]
+    monkeypatch.setenv("LEVER_FAKE_FAIL", f"infer:{unit.id}")
+    with pytest.raises(RuntimeError, match="injected"):
+        pipe.run_unit("infer", unit)
+    key = pipe.key("infer", unit)
+    snap = f"lever/.staging/{key}/predictions.jsonl"
+    assert snap in _names(endpoint, bucket, "lever/.staging/")
+    # keep 3 of the snapshot's rows, marked, to see exactly what the other node resumes from
+    rows = [json.loads(x) for x in client(endpoint).get_object(Bucket=bucket, Key=snap)["Body"].read().splitlines()]
+    kept = "".join(json.dumps(dict(x, from_snapshot=True)) + "\n" for x in rows[:3])
+    client(endpoint).put_object(Bucket=bucket, Key=snap, Body=kept.encode())
+    monkeypatch.delenv("LEVER_FAKE_FAIL")
+    b = S3Store(bucket, "lever", cache_dir=tmp_path / "node-b")
+    r = Pipeline(plan, b, stages=fake_stages()).run_unit("infer", unit)
+    rows = [json.loads(x) for x in (b.open(r.key) / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(x["query_index"] for x in rows) == list(range(8))
+    assert [x["query_index"] for x in rows if x.get("from_snapshot")] == [0, 1, 2]
+    assert not _names(endpoint, bucket, "lever/.staging/")

@@ -27,7 +27,7 @@ def _ctx(plan, name: str, ups: dict[str, list[Path]], out: Path, hooks=None) -> 
     out.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(plan=plan, stage=name, unit=Unit(name), inputs=inputs, out=out)
     if hooks:
-        ctx.epoch_hooks = hooks
+        ctx.on_epoch_end = hooks
     return ctx
 
 
@@ -49,13 +49,9 @@ def _lp(model, seed=0):
         return sequence_logprob(model.eval(), q, c, torch.tensor([[0, 1], [8, 3], [4, 2]]))
 
 
-SMOKE = ["baseline", "plan1", "plan7", "plan9", "v2"]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SMOKE)
+@pytest.mark.parametrize("name", list_plans())
 def test_plan_trains_end_to_end_under_a_minute(name, tmp_path):
-    assert name in list_plans()
     plan = load_plan(name, profile="tiny")
     t = time.perf_counter()
     ups = run_chain(plan, tmp_path)
@@ -162,3 +158,93 @@ def test_embedding_dimension_mismatch_is_a_stage_error(tmp_path):
                tmp_path / "rce")
     with pytest.raises(StageError, match="embed_dim=16 but the embeddings have d=12"):
         S.train_rce(ctx)
+
+
+def test_require_positive_filters_training_groups(tmp_path):
+    plan = load_plan("plan1", profile="tiny", overrides=["grpo.require_positive=true", "grpo.epochs=1"])
+    run_chain(plan, tmp_path, upto="train-grpo")
+    info = json.loads((tmp_path / "train-grpo" / "grpo_info.json").read_text())
+    from lever.rl.data import read_rl_data
+    from lever.rl.validation import split_records
+    train, _ = split_records(read_rl_data(sorted((tmp_path / "in").glob("rl*"))), plan.validation.val_fraction)
+    with_pos = sum(1 for r in train if any(c["correct"] for c in r["candidates"]))
+    assert info["train_groups"] == with_pos < len(train)
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kill_at", [2, 3, 5])
+def test_curriculum_grpo_resumes_bit_identical_after_a_kill(tmp_path, kill_at):
+    """Killed inside an epoch hook (phase 1, its last epoch, or phase 2) and rerun on the same dir."""
+    plan = load_plan("plan9", profile="tiny", overrides=[
+        "grpo.epochs=6", "grpo.curriculum.phase1_epochs=3", "grpo.curriculum.phase2_epochs=3",
+        "grpo.curriculum.high_gap=0.5", "grpo.curriculum.medium_gap=0.3", "grpo.lr=1e-3",
+        "grpo.updates_per_round=2", "grpo.adaptive_beta.enabled=true", "grpo.adaptive_beta.kl_high=0.0"])
+    ups = run_chain(plan, tmp_path / "full", upto="train-rce")
+    grpo_in = {k: ups[k] for k in graph_stage("train-grpo").inputs}
+    S.train_grpo(_ctx(plan, "train-grpo", grpo_in, tmp_path / "full" / "grpo"))
+
+    def killer(phase, epoch, row):
+        if epoch == kill_at:
+            raise _Killed()
+
+    out = tmp_path / "killed"
+    with pytest.raises(_Killed):
+        S.train_grpo(_ctx(plan, "train-grpo", grpo_in, out, [killer]))
+    seen = []
+    S.train_grpo(_ctx(plan, "train-grpo", grpo_in, out, [lambda p, e, r: seen.append(e)]))
+    assert seen == list(range(kill_at, 7))
+    full = tmp_path / "full" / "grpo"
+    assert (out / "metrics.jsonl").read_text() == (full / "metrics.jsonl").read_text()
+    assert (out / "grpo_epoch6.safetensors").read_bytes() == (full / "grpo_epoch6.safetensors").read_bytes()
+    info = json.loads((out / "grpo_info.json").read_text())
+    assert info == json.loads((full / "grpo_info.json").read_text()) and info["phase1"] != "skipped"
+
+
+def test_train_v2_resumes_bit_identical_after_a_kill(tmp_path):
+    plan = load_plan("v2", profile="tiny", overrides=["selector.dropout=0.3"])
+    ups = write_training_inputs(tmp_path / "in", n_items=96, n_queries=32)
+    v2_in = {k: ups[k] for k in graph_stage("train-v2").inputs}
+    S.train_v2(_ctx(plan, "train-v2", v2_in, tmp_path / "full"))
+
+    def killer(phase, epoch, row):
+        if epoch == 3:
+            raise _Killed()
+
+    with pytest.raises(_Killed):
+        S.train_v2(_ctx(plan, "train-v2", v2_in, tmp_path / "killed", [killer]))
+    seen = []
+    S.train_v2(_ctx(plan, "train-v2", v2_in, tmp_path / "killed", [lambda p, e, r: seen.append(e)]))
+    assert seen == [3, 4]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert (killed / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
+    assert (killed / "metrics.jsonl").read_text() == (full / "metrics.jsonl").read_text()
+    assert json.loads((killed / "model.json").read_text()) == json.loads((full / "model.json").read_text())
+
+
+def test_non_finite_loss_is_flagged_to_telemetry_and_fails_the_stage(tmp_path):
+    from lever.rl.trainer import NonFiniteError
+
+    plan = load_plan("baseline", profile="tiny")
+    ups = run_chain(plan, tmp_path, upto="train-v2")
+    model, meta = load_checkpoint(ups["train-v2"][0] / "model")
+    with torch.no_grad():
+        model.score_q.bias.fill_(float("nan"))
+    save_checkpoint(tmp_path / "bad_v2" / "model", model, phase="v2")
+    flagged = []
+
+    class Tele:
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+        def nonfinite(self, phase, what):
+            flagged.append((phase, what))
+
+    ctx = _ctx(plan, "train-rce", {"export-embeddings": ups["export-embeddings"], "train-v2": [tmp_path / "bad_v2"],
+                                   "generate-rl-data": ups["generate-rl-data"]}, tmp_path / "rce")
+    ctx.telemetry = Tele()
+    with pytest.raises(NonFiniteError, match="rce: non-finite loss .* at epoch 1, step 0"):
+        S.train_rce(ctx)
+    assert flagged == [("rce", "loss")]

@@ -1,3 +1,36 @@
-"""CLI commands: bench (see the module that implements them)."""
+"""CLI commands: ``lever bench ...`` (implementations live beside the code they measure)."""
 
-from lever.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from lever.cli.app import app
+
+bench_app = typer.Typer(help="Benchmarks: reference path vs fast path on the same inputs.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+@bench_app.command("scoring")
+def bench_scoring(
+    plan: str = typer.Option("baseline", help="plan whose lvlm section is benchmarked"),
+    profile: Optional[str] = typer.Option("tiny", help="profile (tiny: offline tiny Qwen2.5-VL)"),
+    queries: int = typer.Option(2, min=1, help="queries per setting"),
+    ks: str = typer.Option("16,32,64", help="pool sizes K for the growth table"),
+    shots: str = typer.Option("1,2,3,4", help="shots S for the growth table (at the reference K, B)"),
+    ref: str = typer.Option("64,5,2", help="reference K,B,S of the final speedup line"),
+    repeats: int = typer.Option(3, min=1, help="timed replays per path (best is kept)"),
+) -> None:
+    """InfoScore scoring, plain vs fast: agreement, throughput, ratio; ends with ``speedup: X.XX``."""
+    from lever.config import load_plan
+    from lever.models.scoring_bench import run_scoring_bench
+
+    cfg = load_plan(plan, profile=profile).lvlm
+    k0, b0, s0 = _ints(ref)
+    run_scoring_bench(cfg, ref=(k0, b0, s0), ks=_ints(ks), shots=_ints(shots), n_queries=queries,
+                      repeats=repeats, echo=typer.echo)

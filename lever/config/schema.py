@@ -192,7 +192,11 @@ class GRPOConfig(Section):
     adv_clip: float = Field(5.0, gt=0)
     clip_eps: float = Field(0.2, gt=0, lt=1)
     log_ratio_clamp: float = Field(20.0, gt=0)
-    kl_estimator: Literal["k3", "exact"] = "k3"
+    # "exact": KL over the pointer's full candidate distributions.  k3 is an unbiased estimate only
+    # for on-policy samples; GRPO here scores off-policy group candidates (beams, retrieval,
+    # random), where k3 explodes (1e13 vs an exact KL of 2 on the tiny data) and hurt held-out
+    # reward.  Both are always reported; set "k3" to reproduce the reference trainer.
+    kl_estimator: Literal["k3", "exact"] = "exact"
     reference: Literal["rce", "v2", "none"] = "rce"
     adaptive_beta: AdaptiveBeta = AdaptiveBeta()
     freeze_backbone: bool = True

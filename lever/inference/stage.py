@@ -72,7 +72,6 @@ def _load_selector(ctx: StageContext, variant: str) -> Any:
 
 
 def infer(ctx: StageContext) -> None:
-    import torch
     from tqdm import tqdm
 
     from lever.data.dataset import load_index

@@ -118,6 +118,7 @@ class QwenVLM:
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
         self.merge = int(getattr(self.image_processor, "merge_size", 2))
+        self.turn_start = "<|im_start|>"
         self._images = LRU(maxsize=8192)
         self._prompt_ids = LRU(maxsize=4096)
         self.calls = 0  # forward passes, for telemetry
@@ -167,11 +168,28 @@ class QwenVLM:
             return Encoded(list(prompt_ids), len(prompt_ids), images)
         if not answer:
             raise ValueError("cannot score an empty answer")
-        full = self._tokenize(text + answer)
         n = len(prompt_ids)
+        full = self._tokenize_with_answer(text, prompt_ids, answer)
         if len(full) <= n or full[:n] != prompt_ids:
             full = list(prompt_ids) + self._tokenize(answer)
         return Encoded(full, n, images)
+
+    def _tokenize_with_answer(self, text: str, prompt_ids: list[int], answer: str) -> list[int]:
+        """ids of ``text + answer``, re-tokenizing only the last turn.
+
+        Added special tokens split the text before the tokenizer model runs, so everything
+        before the assistant turn's ``<|im_start|>`` tokenizes the same with or without the
+        answer; only the tail from that token on needs tokenizing again.  (Falls back to the
+        whole text if the prompt's ids do not end with that tail's ids.)
+        """
+        cut = text.rfind(self.turn_start)
+        if cut >= 0:
+            tail = text[cut:]
+            tail_ids = self._prompt_ids.get_or(("tail", tail), lambda: self._tokenize(tail))
+            k = len(tail_ids)
+            if 0 < k <= len(prompt_ids) and prompt_ids[-k:] == tail_ids:
+                return list(prompt_ids[:-k]) + self._tokenize(tail + answer)
+        return self._tokenize(text + answer)
 
     # ------------------------------------------------------------------ batching
 

@@ -13,6 +13,7 @@ path exploits for key/value-cache reuse.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,7 @@ def prompt_messages(prompt: Sequence[Example]) -> list[dict[str, Any]]:
 def image_key(image: Union[Path, str, Image.Image]) -> Optional[str]:
     """Cache key of an image: its resolved path; in-memory images are not cached."""
     if isinstance(image, (str, Path)):
-        return str(Path(image).resolve())
+        return os.path.abspath(image)  # no filesystem calls: this runs for every prompt
     return None
 
 

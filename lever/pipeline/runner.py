@@ -210,6 +210,8 @@ class Pipeline:
             return self.run_unit(stage_name, unit)
         key = f"partial/{self.plan.name}/{self.run_id}"
         self.store.discard_staging(key)
+        if self.store.check(key) is not None:  # same run id again (exit handler retried): newest wins
+            self.store.quarantine(key, "superseded by a newer partial report")
         return self._execute(st, unit, key, inputs, baseline_inputs, "partial", partial=True, missing=missing)
 
     def _execute(self, st: Stage, unit: Unit, key: str, inputs: dict, baseline_inputs: dict, status: str,
@@ -227,7 +229,8 @@ class Pipeline:
                     config_hash=key.rsplit("/", 1)[-1], baseline_plan=self.baseline, partial=partial,
                     missing=list(missing),
                 )
-                fn(ctx)
+                with _StagingSync(self.store, key):
+                    fn(ctx)
                 meta = {
                     "stage": st.name, "unit": unit.id, "unit_params": {k: v for k, v in unit.params},
                     "plan": self.plan.name, "run_id": self.run_id, "config_hash": full_config_hash(self.plan),
@@ -337,6 +340,44 @@ class WorkerPool:
         if self._ex is not None:
             self._ex.shutdown(wait=True, cancel_futures=True)
             self._ex = None
+
+
+class _StagingSync:
+    """While a stage runs, snapshot its staging dir to the store every ``$LEVER_STAGING_SYNC_S``
+    seconds (S3 only), so a pod rescheduled onto another node resumes instead of restarting.
+    Off unless the variable is set: local staging already survives a kill."""
+
+    def __init__(self, store: Store, key: str):
+        import threading
+
+        self.store, self.key = store, key
+        self.every = float(os.environ.get("LEVER_STAGING_SYNC_S", "0") or 0)
+        self._stop = threading.Event()
+        self._thread: Optional[Any] = None
+        if self.every > 0 and hasattr(store, "sync_staging"):
+            self._thread = threading.Thread(target=self._loop, name=f"staging-sync-{key}", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.store.sync_staging(self.key)  # type: ignore[attr-defined]
+            except Exception as exc:  # a missed snapshot only costs resume progress
+                log.warning("staging snapshot of %s failed: %s", self.key, exc)
+
+    def __enter__(self) -> "_StagingSync":
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=60)
+            if exc and exc[0] is not None:
+                try:  # last snapshot of a failing stage: what it managed to write survives the pod
+                    self.store.sync_staging(self.key)  # type: ignore[attr-defined]
+                except Exception:
+                    pass
 
 
 def _safe(fn: Optional[Callable], *args: Any) -> None:

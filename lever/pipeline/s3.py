@@ -14,11 +14,16 @@ and staging (``s3/{bucket}/{prefix}/`` below it).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import logging
 import os
+import random
 import shutil
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from lever.pipeline.store import (
     MANIFEST,
@@ -35,12 +40,30 @@ from lever.pipeline.store import (
     verify_dir,
 )
 
-_MULTIPART_THRESHOLD = 64 * 1024 * 1024
+log = logging.getLogger("lever.s3")
+_MB = 1024 * 1024
+#: S3 error codes worth another try: throttling, server-side and timeout errors
+_RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+                "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeoutException",
+                "500", "502", "503", "504", "BadDigest", "XAmzContentSHA256Mismatch"}
+
+
+class _Retryable(Exception):
+    """A transfer went wrong in a way a second try may fix (bad body checksum, short read)."""
+
+
+def max_attempts() -> int:
+    return max(1, int(os.environ.get("LEVER_S3_MAX_ATTEMPTS", "8")))
+
+
+def multipart_threshold() -> int:
+    return max(5 * _MB, int(os.environ.get("LEVER_S3_MULTIPART_THRESHOLD", str(64 * _MB))))
 
 
 def make_client() -> Any:
-    """A boto3 S3 client with retries (throttling and 5xx back off) and path-style addressing
-    for custom endpoints (MinIO needs it)."""
+    """A boto3 S3 client with path-style addressing for custom endpoints (MinIO needs it).  It
+    makes one quick retry itself; :meth:`S3Store._retry` owns the real policy, because botocore
+    does not retry a body that breaks or arrives damaged after the headers."""
     import boto3
     from botocore.config import Config
 
@@ -48,7 +71,7 @@ def make_client() -> Any:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     cfg = Config(
         region_name=region,
-        retries={"max_attempts": int(os.environ.get("LEVER_S3_MAX_ATTEMPTS", "8")), "mode": "standard"},
+        retries={"max_attempts": 2, "mode": "standard"},
         connect_timeout=10,
         read_timeout=120,
         s3={"addressing_style": "path"} if endpoint else None,
@@ -56,9 +79,44 @@ def make_client() -> Any:
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=cfg)
 
 
-def _is_not_found(exc: Exception) -> bool:
-    code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-    return code in ("404", "NoSuchKey", "NotFound")
+def _code(exc: BaseException) -> str:
+    resp = getattr(exc, "response", None) or {}
+    code = str(resp.get("Error", {}).get("Code", ""))
+    status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code or (str(status) if status else "")
+
+
+def _is_not_found(exc: BaseException) -> bool:
+    return _code(exc) in ("404", "NoSuchKey", "NotFound")
+
+
+def _retryable(exc: BaseException) -> bool:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if isinstance(exc, _Retryable):
+        return True
+    if isinstance(exc, ClientError):
+        code = _code(exc)
+        status = (getattr(exc, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return code in _RETRY_CODES or int(status) >= 500
+    if isinstance(exc, BotoCoreError):  # connection errors, timeouts, broken/checksum-failed bodies
+        return True
+    try:
+        from boto3.exceptions import S3UploadFailedError
+
+        if isinstance(exc, S3UploadFailedError):  # wraps the ClientError of a (multipart) upload
+            text = str(exc)
+            return not any(c in text for c in ("AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch"))
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from urllib3.exceptions import HTTPError as Urllib3Error
+
+        if isinstance(exc, Urllib3Error):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(exc, (ConnectionError, TimeoutError))
 
 
 class S3Store(Store):
@@ -88,55 +146,83 @@ class S3Store(Store):
         parts = [p for p in (self.prefix, checked, rel) if p]
         return "/".join(parts)
 
-    def _get_bytes(self, name: str) -> Optional[bytes]:
-        from botocore.exceptions import BotoCoreError, ClientError
+    def _retry(self, what: str, fn: Callable[[], Any], *, not_found: Any = _Retryable) -> Any:
+        """Run one S3 operation with exponential backoff (plus jitter) on throttling, 5xx, dropped
+        connections and damaged bodies; ``LEVER_S3_MAX_ATTEMPTS`` tries in all.  Anything else,
+        or the last failure, becomes a StoreError naming the operation (never the credentials).
+        ``not_found``: value to return on 404 instead of failing."""
+        attempts = max_attempts()
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn()
+            except Exception as exc:
+                if not_found is not _Retryable and _is_not_found(exc):
+                    return not_found
+                if not _retryable(exc) or attempt == attempts:
+                    raise StoreError(f"{self.url}: {what} failed"
+                                     + (f" after {attempt} attempts" if attempt > 1 else "") + f": {exc}") from None
+                delay = min(5.0, 0.1 * (2 ** (attempt - 1))) * (0.5 + random.random())
+                log.warning("%s: %s (attempt %d/%d), retrying in %.1fs", what, exc, attempt, attempts, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
 
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=name)["Body"].read()
-        except ClientError as exc:
-            if _is_not_found(exc):
-                return None
-            raise StoreError(f"{self.url}: reading {name}: {exc}") from None
-        except BotoCoreError as exc:
-            raise StoreError(f"{self.url}: reading {name}: {exc}") from None
+    def _get_bytes(self, name: str) -> Optional[bytes]:
+        def get() -> bytes:
+            resp = self.client.get_object(Bucket=self.bucket, Key=name)
+            body = resp["Body"].read()
+            _check_etag(body, resp.get("ETag"), name)
+            return body
+
+        return self._retry(f"reading {name}", get, not_found=None)
 
     def _list(self, name_prefix: str) -> dict[str, int]:
         """Object name -> size under a prefix."""
-        from botocore.exceptions import BotoCoreError, ClientError
 
-        out: dict[str, int] = {}
-        try:
+        def listing() -> dict[str, int]:
+            out: dict[str, int] = {}
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=name_prefix):
                 for obj in page.get("Contents", []):
                     out[obj["Key"]] = obj["Size"]
-        except (ClientError, BotoCoreError) as exc:
-            raise StoreError(f"{self.url}: listing {name_prefix}: {exc}") from None
-        return out
+            return out
+
+        return self._retry(f"listing {name_prefix}", listing)
+
+    def _put(self, name: str, body: bytes, content_type: str = "application/json") -> None:
+        self._retry(f"writing {name}", lambda: self.client.put_object(
+            Bucket=self.bucket, Key=name, Body=body, ContentType=content_type,
+            ContentMD5=base64.b64encode(hashlib.md5(body).digest()).decode()))
 
     def _upload(self, path: Path, name: str) -> None:
+        """Upload one file (multipart above ``LEVER_S3_MULTIPART_THRESHOLD``, default 64 MiB)."""
         from boto3.s3.transfer import TransferConfig
-        from botocore.exceptions import BotoCoreError, ClientError
 
-        try:
-            self.client.upload_file(str(path), self.bucket, name,
-                                    Config=TransferConfig(multipart_threshold=_MULTIPART_THRESHOLD))
-        except (ClientError, BotoCoreError) as exc:
-            raise StoreError(f"{self.url}: uploading {name}: {exc}") from None
+        t = multipart_threshold()
+        cfg = TransferConfig(multipart_threshold=t, multipart_chunksize=t, use_threads=False)
+        self._retry(f"uploading {name}", lambda: self.client.upload_file(str(path), self.bucket, name, Config=cfg))
 
-    def _download(self, name: str, path: Path) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
+    def _download(self, name: str, path: Path, size: Optional[int] = None, sha256: Optional[str] = None) -> None:
+        """Download one object; with ``sha256`` given, a damaged copy counts as a failed attempt."""
+        from boto3.s3.transfer import TransferConfig
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.client.download_file(self.bucket, name, str(path))
-        except (ClientError, BotoCoreError) as exc:
-            raise StoreError(f"{self.url}: downloading {name}: {exc}") from None
+        t = multipart_threshold()
+        cfg = TransferConfig(multipart_threshold=t, multipart_chunksize=t, use_threads=False)
+
+        def get() -> None:
+            self.client.download_file(self.bucket, name, str(path), Config=cfg)
+            if size is not None and path.stat().st_size != size:
+                raise _Retryable(f"{name}: got {path.stat().st_size} bytes, manifest says {size}")
+            if sha256 is not None and sha256_file(path) != sha256:
+                raise _Retryable(f"{name}: downloaded bytes do not match the manifest's sha256")
+
+        self._retry(f"downloading {name}", get)
 
     def _delete_prefix(self, name_prefix: str) -> None:
         names = list(self._list(name_prefix))
         for i in range(0, len(names), 1000):
-            self.client.delete_objects(Bucket=self.bucket,
-                                       Delete={"Objects": [{"Key": n} for n in names[i:i + 1000]], "Quiet": True})
+            chunk = names[i:i + 1000]
+            self._retry(f"deleting under {name_prefix}", lambda: self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": n} for n in chunk], "Quiet": True}))
 
     # -- Store interface --------------------------------------------------------------------
     def manifest(self, key: str) -> Optional[dict]:
@@ -177,34 +263,51 @@ class S3Store(Store):
         stamp = json.dumps(m, sort_keys=True)
         if self._checked.get(key) == stamp:
             return local
-        if (local / MANIFEST).is_file():
-            try:
-                same = json.loads((local / MANIFEST).read_text()) == m
-            except ValueError:
-                same = False
-            if same and not verify_dir(local, m):
-                self._checked[key] = stamp
-                return local
+        if self._local_copy_ok(local, m):
+            self._checked[key] = stamp
+            return local
         incoming = self.cache / ".incoming" / f"{key.replace('/', '__')}-{os.getpid()}"
         shutil.rmtree(incoming, ignore_errors=True)
-        problems = []
-        for rel, info in m["files"].items():
-            dest = incoming / rel
-            for attempt in range(2):  # one re-download: a truncated body is a transfer fault
-                self._download(self._obj(key, rel), dest)
-                if dest.stat().st_size == info.get("size") and sha256_file(dest) == info.get("sha256"):
-                    break
-            else:
-                problems.append(f"{rel}: downloaded bytes do not match the manifest's sha256/size")
-        if problems:
-            shutil.rmtree(incoming, ignore_errors=True)
-            raise CorruptArtifact(key, problems)
+        try:
+            for rel, info in m["files"].items():
+                self._download(self._obj(key, rel), incoming / rel, info.get("size"), info.get("sha256"))
+        except StoreError as exc:
+            shutil.rmtree(incoming, ignore_errors=True)  # nothing half-downloaded stays in the cache
+            if "do not match" in str(exc) or "manifest says" in str(exc):
+                raise CorruptArtifact(key, [str(exc)]) from None
+            raise
         atomic_write_json(incoming / MANIFEST, m)
-        shutil.rmtree(local, ignore_errors=True)
-        local.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(incoming, local)
+        self._install(incoming, local, m)
         self._checked[key] = stamp
         return local
+
+    def _local_copy_ok(self, local: Path, m: dict) -> bool:
+        if not (local / MANIFEST).is_file():
+            return False
+        try:
+            same = json.loads((local / MANIFEST).read_text()) == m
+        except (OSError, ValueError):
+            return False
+        return same and not verify_dir(local, m)
+
+    def _install(self, incoming: Path, local: Path, m: dict) -> None:
+        """Move a verified download into the cache.  Worker processes sharing the cache may race
+        to install the same artifact: a valid copy already in place wins and is never deleted
+        under a reader; only a stale or damaged one is moved aside first."""
+        local.parent.mkdir(parents=True, exist_ok=True)
+        if local.exists() and not self._local_copy_ok(local, m):
+            trash = local.with_name(f".{local.name}.old{os.getpid()}")
+            try:
+                os.rename(local, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            except OSError:
+                pass
+        try:
+            os.rename(incoming, local)
+        except OSError:
+            shutil.rmtree(incoming, ignore_errors=True)
+            if not self._local_copy_ok(local, m):
+                raise StoreError(f"{self.url}: could not install {local} in the local cache") from None
 
     def staging(self, key: str) -> Staging:
         check_key(key)
@@ -238,11 +341,7 @@ class S3Store(Store):
         for rel in manifest["files"]:
             self._upload(staging / rel, self._obj(key, rel))
         body = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self._obj(key, MANIFEST), Body=body,
-                                   ContentType="application/json")
-        except Exception as exc:  # botocore errors; the artifact stays uncommitted
-            raise StoreError(f"{self.url}: committing {key}: {exc}") from None
+        self._put(self._obj(key, MANIFEST), body)  # last: only now is the artifact committed
         atomic_write_json(staging / MANIFEST, manifest)
         local = self.cache / "objects" / key
         shutil.rmtree(local, ignore_errors=True)
@@ -260,10 +359,9 @@ class S3Store(Store):
         raw = self._get_bytes(self._obj(key, MANIFEST))
         record = {"key": key, "reason": reason, "at": utc_now(),
                   "manifest": raw.decode(errors="replace") if raw else None}
-        self.client.put_object(Bucket=self.bucket, Key=dest + "/_quarantine.json",
-                               Body=json.dumps(record, indent=2).encode())
+        self._put(dest + "/_quarantine.json", json.dumps(record, indent=2).encode())
         # manifest first: the artifact stops being "committed" before its files go
-        self.client.delete_object(Bucket=self.bucket, Key=self._obj(key, MANIFEST))
+        self._retry(f"uncommitting {key}", lambda: self.client.delete_object(Bucket=self.bucket, Key=self._obj(key, MANIFEST)))
         self._delete_prefix(self._obj(key) + "/")
         shutil.rmtree(self.cache / "objects" / key, ignore_errors=True)
         self._checked.pop(key, None)
@@ -274,9 +372,7 @@ class S3Store(Store):
         self._delete_prefix(self._obj(".staging/" + key) + "/")
 
     def put_json(self, key: str, obj: Any) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._obj(key),
-                               Body=(json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(),
-                               ContentType="application/json")
+        self._put(self._obj(key), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
     def get_json(self, key: str) -> Optional[Any]:
         raw = self._get_bytes(self._obj(key))
@@ -309,3 +405,15 @@ class _RestoringStaging(Staging):
         except StoreError:
             pass
         return self
+
+
+def _check_etag(body: bytes, etag: Optional[str], name: str) -> None:
+    """A single-part object's ETag is the MD5 of its bytes: a damaged body is caught before it is
+    parsed (multipart ETags, with a ``-N`` suffix, are not MD5s and are skipped)."""
+    if not etag:
+        return
+    tag = etag.strip('"')
+    if "-" in tag or len(tag) != 32:
+        return
+    if hashlib.md5(body).hexdigest() != tag:
+        raise _Retryable(f"{name}: body does not match its ETag (damaged in transfer)")

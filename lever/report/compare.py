@@ -42,6 +42,7 @@ def compare_plans(plans: Sequence[PlanConfig], store: Store, *, references: bool
                   stages: Sequence[Stage] = STAGES) -> dict:
     shots = sorted({s for p in plans for s in p.infer.shots})
     rows = []
+    ref_rows = []  # reference selectors (random, retrieval, v2) once each, below the plans
     seen_refs: set[str] = set()
     for p in plans:
         variants = ["selector"] + ([v for v in p.infer.baselines if v not in seen_refs] if references else [])
@@ -49,7 +50,8 @@ def compare_plans(plans: Sequence[PlanConfig], store: Store, *, references: bool
         rows.append({"name": p.name, "kind": "plan", "acc": {s: table["selector"].get(s) for s in shots}})
         for v in variants[1:]:
             seen_refs.add(v)
-            rows.append({"name": v, "kind": "reference", "acc": {s: table[v].get(s) for s in shots}})
+            ref_rows.append({"name": v, "kind": "reference", "acc": {s: table[v].get(s) for s in shots}})
+    rows += ref_rows
     for r in rows:
         vals = [r["acc"][s] for s in shots]
         r["avg"] = round(statistics.fmean(vals), 2) if all(v is not None for v in vals) else None

@@ -31,7 +31,8 @@ def write_plots(rep: dict[str, Any], rewards: list[float], out: Path) -> list[st
     ax.set_ylabel("VQA accuracy (%)")
     ax.set_xticks(shots)
     ax.set_title(f"{rep['plan']}: accuracy per shot")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=100)
     plt.close(fig)

@@ -38,12 +38,20 @@ class GroupData:
         return int(self.seqs.size(-1))
 
     def subset(self, idx: torch.Tensor | list[int]) -> "GroupData":
-        idx = torch.as_tensor(idx, dtype=torch.long)
+        idx = torch.as_tensor(idx, dtype=torch.long).to(self.device)
         return GroupData(
             [self.query_ids[i] for i in idx.tolist()],
             self.query_idx[idx], self.pool[idx], self.pool_mask[idx], self.seqs[idx],
             self.group_mask[idx], self.rewards[idx], self.correct[idx],
         )
+
+    @property
+    def device(self) -> torch.device:
+        return self.group_mask.device
+
+    def to(self, device: torch.device | str) -> "GroupData":
+        return GroupData(self.query_ids, *(t.to(device) for t in (
+            self.query_idx, self.pool, self.pool_mask, self.seqs, self.group_mask, self.rewards, self.correct)))
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(query index, candidate index) of every real candidate."""
@@ -109,6 +117,7 @@ def batch_step_logprobs(
 
     Returns (step_lp [N,S,K], seqs [N,S], row_q [N] index into ``qsel``, row_g [N]).
     """
+    qsel = qsel.to(data.device)
     gm = data.group_mask[qsel]
     rq, rg = gm.nonzero(as_tuple=True)
     qi = qsel[rq]

@@ -16,8 +16,9 @@ are reported.
   < kl_low.  PPO-clip only = kl_beta 0.
 * k3 is evaluated on the group's candidates, which are *not* samples of the policy (InfoScore and
   v2 beams, retrieval, random).  There it is not a KL estimate: once the policy pushes a bad
-  candidate tens of nats below the reference, exp(ref - logp) explodes (measured on the tiny plan5
-  run: k3 ~ 1e13 while the exact KL was ~2).  The log-ratio inside k3 is clamped like the PPO ratio
+  candidate tens of nats below the reference, exp(ref - logp) explodes (measured on tiny synthetic
+  data, plan5 with grpo.lr=1e-3: mean k3 ~ 1e13 while the exact KL was ~2; with k3 in the loss the
+  held-out reward fell from 1.57 to 1.15 over 50 epochs, with the exact KL it rose to 1.82).  The log-ratio inside k3 is clamped like the PPO ratio
   so it stays finite; ``kl_estimator: exact`` is the estimator that means what it says.
 * freeze_backbone trains only the scoring layers ``score_q`` / ``score_c`` (the final projections
   of the query state and the candidate keys); everything before them is frozen.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -36,7 +38,8 @@ from lever.rl.advantage import group_advantages, zero_variance_groups
 from lever.rl.groups import GroupData, batch_step_logprobs, scatter_rows
 from lever.rl.losses import kl_k3, ppo_terms
 from lever.rl.rce import reward_stats
-from lever.rl.trainer import small_model_threads, EpochRecorder, check_finite, clip_and_check, mean
+from lever.rl.resume import load_state, restore, save_state
+from lever.rl.trainer import EpochRecorder, check_finite, clip_and_check, mean, small_model_threads
 from lever.rl.validation import evaluate
 from lever.selectors.pointer import SCORING_PREFIXES, PointerSelector, entropy, exact_kl, gather_sequence
 
@@ -70,7 +73,8 @@ def advantages_for(data: GroupData, cfg: Any) -> tuple[torch.Tensor, torch.Tenso
     adv = group_advantages(r, rq, mode=mode, min_std=cfg.min_std, clip=cfg.adv_clip).float()
     active = ~zero_variance_groups(r, rq)
     shape = tuple(data.rewards.shape)
-    return scatter_rows(adv, rq, rg, shape), torch.zeros(shape, dtype=torch.bool).index_put((rq, rg), active)
+    zeros = torch.zeros(shape, dtype=torch.bool, device=data.device)
+    return scatter_rows(adv, rq, rg, shape), zeros.index_put((rq, rg), active)
 
 
 @dataclass
@@ -101,6 +105,7 @@ def grpo_batch(
 ) -> GRPOBatch:
     """The GRPO loss of the groups ``qsel`` (all sizes in one padded pass).  ``old=None``: the old
     policy is the current one (detached); ``beta=0`` drops the KL term (it is still measured)."""
+    qsel = qsel.to(data.device)
     step_lp, seqs, rq, rg = batch_step_logprobs(model, emb, data, qsel)
     logp = gather_sequence(step_lp, seqs)
     qi = qsel[rq]
@@ -141,12 +146,28 @@ def run_grpo(
     phase: str = "grpo",
     beta: Optional[float] = None,
     extra: Optional[dict] = None,
+    state_path: Optional[Path] = None,
+    fingerprint: str = "",
 ) -> tuple[list[dict], float, bool]:
     """Train ``model`` in place (GRPOConfig ``cfg``) for ``epochs``; epochs are numbered from
-    ``start_epoch``.  Returns (rows, final beta, stopped-by-hook)."""
+    ``start_epoch``.  Returns (this call's rows, final beta, stopped-by-hook).  With ``state_path``
+    a killed earlier attempt is resumed (weights, AdamW, generator, beta, round position and the
+    round's old policy) and the state is rewritten after every epoch."""
     beta = cfg.kl_beta if beta is None else beta
     if epochs == 0 or len(train) == 0:
         return [], beta, False
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _grpo_epochs(model, emb, train, val, cfg, epochs=epochs, reference=reference, recorder=recorder,
+                            save=save, seed=seed, start_epoch=start_epoch, phase=phase, beta=beta, extra=extra,
+                            state_path=state_path, fingerprint=fingerprint)
+
+
+def _grpo_epochs(
+    model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData, cfg: Any, *, epochs: int,
+    reference: Optional[PointerSelector], recorder: EpochRecorder, save: Optional[SaveFn], seed: int,
+    start_epoch: int, phase: str, beta: float, extra: Optional[dict], state_path: Optional[Path], fingerprint: str,
+) -> tuple[list[dict], float, bool]:
     model.eval()  # dropout off for all GRPO log-probs
     params = set_trainable(model, cfg.freeze_backbone)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -161,14 +182,26 @@ def run_grpo(
     old: Optional[PointerSelector] = None
     since_refresh = 0
     global_step = (start_epoch - 1) * steps_per_epoch
+    first = start_epoch
+    st = load_state(state_path, fingerprint) if state_path is not None else None
+    if st is not None:  # after ``ref`` was copied: with reference none it is the starting policy
+        restore(st, model, opt, gen)
+        first, global_step, since_refresh = st.epoch + 1, st.global_step, st.since_refresh
+        beta = float(st.beta) if st.beta is not None else beta
+        if st.old is not None:
+            old = frozen_copy(model)
+            old.load_state_dict(st.old)
+        recorder.restore(st.epoch)
     rows = []
-    for epoch in range(start_epoch, start_epoch + epochs):
+    if recorder.stopped is not None:  # a hook stopped an earlier attempt on this dir
+        return rows, beta, True
+    for epoch in range(first, start_epoch + epochs):
         perm = torch.randperm(len(train), generator=gen)
         acc: dict[str, list[float]] = {k: [] for k in ("loss", "ppo", "k3", "exact", "clip", "ent", "gn")}
         skipped = 0
         bar = tqdm(range(steps_per_epoch), desc=f"{phase} epoch {epoch}", leave=False, disable=None)
         for i in bar:
-            qsel = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            qsel = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(train.device)
             if since_refresh == 0:
                 # the round starts here: old policy == current policy (ratio exactly 1)
                 old = frozen_copy(model) if cfg.updates_per_round > 1 else None
@@ -216,7 +249,12 @@ def run_grpo(
                 beta *= cfg.adaptive_beta.factor
             elif kl_used is not None and kl_used < cfg.adaptive_beta.kl_low:
                 beta /= cfg.adaptive_beta.factor
-        if recorder.epoch(phase, epoch, row):
+        stop = recorder.epoch(phase, epoch, row)  # hooks run before the resume state is written
+        if state_path is not None:
+            save_state(state_path, model=model, opt=opt, gen=gen, epoch=epoch, global_step=global_step,
+                       fingerprint=fingerprint, beta=beta, since_refresh=since_refresh,
+                       old=old if since_refresh else None)
+        if stop:
             return rows, beta, True
     return rows, beta, False
 

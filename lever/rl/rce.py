@@ -8,6 +8,7 @@ supervised training; validation runs with dropout off.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -16,7 +17,8 @@ from tqdm import tqdm
 from lever.rl.advantage import group_advantages, zero_variance_groups
 from lever.rl.groups import GroupData, batch_step_logprobs, scatter_rows
 from lever.rl.losses import rce_loss
-from lever.rl.trainer import small_model_threads, EpochRecorder, check_finite, clip_and_check, mean
+from lever.rl.resume import load_state, restore, save_state
+from lever.rl.trainer import EpochRecorder, check_finite, clip_and_check, mean, small_model_threads
 from lever.rl.validation import evaluate
 from lever.selectors.pointer import PointerSelector, entropy, gather_sequence
 
@@ -43,7 +45,7 @@ def reward_stats(data: GroupData) -> dict[str, Optional[float]]:
     if r.numel() == 0:
         return {"reward_mean": None, "reward_std": None, "zero_std_frac": None}
     zero = zero_variance_groups(r, rq)
-    per_group = torch.zeros(len(data), dtype=torch.bool).index_put((rq,), zero)
+    per_group = torch.zeros(len(data), dtype=torch.bool, device=r.device).index_put((rq,), zero)
     return {
         "reward_mean": float(r.mean()),
         "reward_std": float(r.std()) if r.numel() > 1 else 0.0,
@@ -64,26 +66,52 @@ def run_rce(
     seed: int = 0,
     grad_clip: float = 1.0,
     phase: str = "rce",
+    state_path: Optional[Path] = None,
+    fingerprint: str = "",
 ) -> list[dict]:
-    """Train ``model`` in place for ``cfg.epochs`` (RCEConfig); returns the per-epoch rows."""
+    """Train ``model`` in place for ``cfg.epochs`` (RCEConfig); returns this call's per-epoch rows.
+
+    torch's global RNG (dropout) is seeded from ``seed`` inside a forked RNG scope, so a run is
+    reproducible and leaves the caller's RNG untouched.  With ``state_path`` the loop resumes from
+    the state a killed earlier attempt left there (see :mod:`lever.rl.resume`) and writes it after
+    every epoch.
+    """
     if cfg.epochs == 0 or len(train) == 0:
         return []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _rce_epochs(model, emb, train, val, cfg, recorder=recorder, save=save, seed=seed,
+                           grad_clip=grad_clip, phase=phase, state_path=state_path, fingerprint=fingerprint)
+
+
+def _rce_epochs(
+    model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData, cfg: Any, *,
+    recorder: EpochRecorder, save: Optional[SaveFn], seed: int, grad_clip: float, phase: str,
+    state_path: Optional[Path], fingerprint: str,
+) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
+    st = load_state(state_path, fingerprint) if state_path is not None else None
+    first, step = 1, 0
+    if st is not None:
+        restore(st, model, opt, gen)
+        first, step = st.epoch + 1, st.global_step
+        recorder.restore(st.epoch)
     rewards = normalized_rewards(train) if cfg.normalized_reward else train.rewards
     stats = reward_stats(train)
     steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
-    step = 0
     rows = []
-    for epoch in range(1, cfg.epochs + 1):
+    if recorder.stopped is not None:  # a hook stopped an earlier attempt on this dir
+        return rows
+    for epoch in range(first, cfg.epochs + 1):
         model.train()
         perm = torch.randperm(len(train), generator=gen)
         losses, norms, ents = [], [], []
         bar = tqdm(range(steps_per_epoch), desc=f"{phase} epoch {epoch}/{cfg.epochs}", leave=False, disable=None)
         for i in bar:
-            qsel = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            qsel = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(train.device)
             tau = tau_at(step, total, cfg.tau_start, cfg.tau_end)
             step_lp, seqs, rq, rg = batch_step_logprobs(model, emb, train, qsel)
             gm = train.group_mask[qsel]
@@ -107,7 +135,11 @@ def run_rce(
         if save is not None:
             save(model, epoch, row)
         rows.append(row)
-        if recorder.epoch(phase, epoch, row):
+        stop = recorder.epoch(phase, epoch, row)  # hooks run before the resume state is written
+        if state_path is not None:
+            save_state(state_path, model=model, opt=opt, gen=gen, epoch=epoch, global_step=step,
+                       fingerprint=fingerprint)
+        if stop:
             break
     return rows
 

@@ -33,11 +33,16 @@ _TABLE = ("epoch", "train_loss", "val_loss", "val_reward", "ppo_loss", "kl_k3", 
 class NonFiniteError(StageError):
     """A loss or gradient norm became NaN/inf: training stops instead of writing NaN weights."""
 
+    def __init__(self, message: str, phase: str = "", what: str = "") -> None:
+        super().__init__(message)
+        self.phase, self.what = phase, what
+
 
 def check_finite(value: torch.Tensor | float, what: str, phase: str, epoch: int, step: int) -> float:
     v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
     if not math.isfinite(v):
-        raise NonFiniteError(f"{phase}: non-finite {what} ({v}) at epoch {epoch}, step {step}; stopping")
+        raise NonFiniteError(f"{phase}: non-finite {what} ({v}) at epoch {epoch}, step {step}; stopping",
+                             phase, what.replace(" ", "_"))
     return v
 
 
@@ -50,18 +55,43 @@ def clip_and_check(params: list[torch.nn.Parameter], max_norm: float, phase: str
 class EpochRecorder:
     """Writes metrics.jsonl / steps.jsonl, prints a table row, feeds telemetry and stop hooks."""
 
-    def __init__(self, out: Path, telemetry: Any = None, hooks: Optional[list[EpochHook]] = None,
+    def __init__(self, out: Path, telemetry: Any = None, on_epoch_end: Optional[list[EpochHook]] = None,
                  console: Optional[Console] = None) -> None:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.telemetry = telemetry
-        self.hooks = list(hooks or [])
+        # on_epoch_end hooks: ``hook(phase, epoch, metrics) -> reason | None``; a reason stops training
+        # after this epoch (the divergence guard of lever.obs.guard is one)
+        self.hooks = list(on_epoch_end or [])
         self.console = console or Console(stderr=True, width=160)
         self.epochs: list[dict] = []
         self.steps: list[dict] = []
         self._header = False
         self.stopped: Optional[dict] = None
-        atomic_write_bytes(self.out / "metrics.jsonl", b"")
+        # rows a killed earlier attempt left in this staging dir; :meth:`restore` keeps those up to
+        # the epoch the resume state holds, everything else starts empty
+        # (the files are only rewritten at the next epoch end, so a kill in between loses nothing)
+        self._previous = (_read_jsonl(self.out / "metrics.jsonl"), _read_jsonl(self.out / "steps.jsonl"))
+        stopped = self.out / "stopped.json"
+        if stopped.exists():  # an earlier attempt was stopped by a hook: the loops train no further
+            try:
+                self.stopped = json.loads(stopped.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                self.stopped = {"reason": "unreadable stopped.json"}
+        if not (self.out / "metrics.jsonl").exists():
+            atomic_write_bytes(self.out / "metrics.jsonl", b"")  # zero epochs -> an empty metrics.jsonl
+
+    def restore(self, upto_epoch: int) -> None:
+        """Resume: keep the earlier attempt's epoch and step rows with epoch <= ``upto_epoch``."""
+        epochs, steps = self._previous
+        self.epochs = [r for r in epochs if int(r.get("epoch", 0)) <= upto_epoch]
+        self.steps = [r for r in steps if int(r.get("epoch", 0)) <= upto_epoch]
+
+    def _flush(self) -> None:
+        body = "".join(json.dumps(_json_safe(r), sort_keys=True) + "\n" for r in self.epochs)
+        atomic_write_bytes(self.out / "metrics.jsonl", body.encode("utf-8"))
+        body = "".join(json.dumps(_json_safe(r), sort_keys=True) + "\n" for r in self.steps)
+        atomic_write_bytes(self.out / "steps.jsonl", body.encode("utf-8"))
 
     def step(self, phase: str, step: int, metrics: dict) -> None:
         row = {"phase": phase, "step": step, **metrics}
@@ -75,10 +105,7 @@ class EpochRecorder:
         row.update(metrics)
         row["phase"], row["epoch"] = phase, epoch
         self.epochs.append(row)
-        body = "".join(json.dumps(_json_safe(r), sort_keys=True) + "\n" for r in self.epochs)
-        atomic_write_bytes(self.out / "metrics.jsonl", body.encode("utf-8"))
-        body = "".join(json.dumps(_json_safe(r), sort_keys=True) + "\n" for r in self.steps)
-        atomic_write_bytes(self.out / "steps.jsonl", body.encode("utf-8"))
+        self._flush()
         self._print(phase, row)
         if self.telemetry is not None:
             self.telemetry.epoch(phase, epoch, {k: v for k, v in row.items()
@@ -102,6 +129,18 @@ class EpochRecorder:
             self.console.print(" | ".join(f"{c:>10}" for c in ("phase",) + _TABLE))
             self._header = True
         self.console.print(" | ".join(f"{fmt(row.get(c) if c != 'phase' else phase):>10}" for c in ("phase",) + _TABLE))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a torn last line of a killed writer (writes are atomic, so only foreign files)
+    return rows
 
 
 def mean(xs: list[float]) -> Optional[float]:

@@ -40,7 +40,7 @@ def evaluate(model: PointerSelector, emb: torch.Tensor, data: GroupData, batch_s
     loss_sum = reward_sum = hit_sum = top_sum = gtop_sum = chance_sum = 0.0
     with eval_mode(model):
         for start in range(0, len(data), batch_size):
-            qsel = torch.arange(start, min(start + batch_size, len(data)))
+            qsel = torch.arange(start, min(start + batch_size, len(data)), device=data.device)
             b = len(qsel)
             step_lp, seqs, rq, rg = batch_step_logprobs(model, emb, data, qsel)
             gm = data.group_mask[qsel]

@@ -184,6 +184,14 @@ def read_meta(path: Path | str) -> dict[str, Any]:
         raise StageError(f"{jpath}: checkpoint meta not found") from None
     except json.JSONDecodeError as e:
         raise StageError(f"{jpath}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(meta, dict):
+        raise StageError(f"{jpath}: expected a JSON object")
+    sv = meta.get("schema_version", SCHEMA_VERSION)
+    if isinstance(sv, int) and not isinstance(sv, bool) and sv > SCHEMA_VERSION:
+        raise StageError(f"{jpath}: field 'schema_version': {sv} was written by a newer Lever (this one reads "
+                         f"{SCHEMA_VERSION}); upgrade lever to load it")
+    if sv != SCHEMA_VERSION:
+        raise StageError(f"{jpath}: field 'schema_version': unsupported version {sv!r}")
     for field in ("kind", "arch"):
         if field not in meta:
             raise StageError(f"{jpath}: field {field!r} missing")

@@ -219,7 +219,8 @@ def greedy(
             picks.append(pos)
             allowed = allowed.scatter(1, pos.view(-1, 1), False)
             s = model.advance(s, c, pos)
-    return torch.stack(picks, dim=1) if picks else torch.zeros(query_emb.size(0), 0, dtype=torch.long)
+    return torch.stack(picks, dim=1) if picks else torch.zeros(query_emb.size(0), 0, dtype=torch.long,
+                                                             device=query_emb.device)
 
 
 @torch.no_grad()
@@ -242,7 +243,7 @@ def beam_search(
     with eval_mode(model):
         s, c, keys = model.encode(query_emb.unsqueeze(0), cand_emb.unsqueeze(0))
         seqs: list[list[int]] = [[]]
-        scores = torch.zeros(1)
+        scores = torch.zeros(1, device=query_emb.device)
         allowed = mask
         for _ in range(shots):
             n = len(seqs)
@@ -284,12 +285,13 @@ def sample(
     with eval_mode(model):
         s, c, keys = model.encode(query_emb.unsqueeze(0).expand(n, -1), cand_emb.unsqueeze(0).expand(n, -1, -1))
         allowed = mask.expand(n, -1).clone()
-        total = torch.zeros(n)
+        total = torch.zeros(n, device=query_emb.device)
         picks = []
         for _ in range(shots):
             logits = model.step_logits(s, c, keys, allowed)
             probs = torch.softmax(logits / temperature, -1)
-            pos = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            # drawn on the CPU so a CPU generator drives GPU runs too (same stream of draws)
+            pos = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(probs.device)
             total += torch.log_softmax(logits, -1).gather(1, pos.view(-1, 1)).squeeze(1)
             picks.append(pos)
             allowed = allowed.scatter(1, pos.view(-1, 1), False)

@@ -2,16 +2,15 @@
 
 Each is ``def stage(ctx: StageContext) -> None``.  The loops live in :mod:`lever.training.v2`,
 :mod:`lever.rl.rce` and :mod:`lever.rl.grpo`; this module wires artifacts, configs, the epoch hooks
-(the divergence guard from ``lever.obs.guard`` plus any callables the caller put on
-``ctx.epoch_hooks``) and checkpoint writing.
+(the divergence guard from ``lever.obs.guard`` plus any ``on_epoch_end`` callables the caller
+put on ``ctx.on_epoch_end``) and checkpoint writing.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
+import contextlib
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -21,7 +20,7 @@ from lever.rl.data import read_rl_data, rl_data_stats
 from lever.rl.groups import GroupData, build_groups
 from lever.rl.grpo import frozen_copy, run_grpo
 from lever.rl.rce import run_rce
-from lever.rl.trainer import EpochHook, EpochRecorder
+from lever.rl.trainer import EpochHook, EpochRecorder, NonFiniteError
 from lever.rl.validation import split_records
 from lever.selectors.checkpoint import (
     atomic_write_bytes,
@@ -71,6 +70,11 @@ def load_train_embeddings(dir: Path) -> torch.Tensor:
     return t
 
 
+def training_device() -> torch.device:
+    """CUDA when present (the cluster's GPU pods), else CPU; the selector is small either way."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def epoch_hooks(ctx: StageContext) -> list[EpochHook]:
     hooks: list[EpochHook] = []
     try:
@@ -81,7 +85,8 @@ def epoch_hooks(ctx: StageContext) -> list[EpochHook]:
         guard = make_guard(ctx.plan.alerts, ctx.log)
         if guard is not None:
             hooks.append(guard)
-    hooks.extend(getattr(ctx, "epoch_hooks", None) or [])
+    hooks.extend(getattr(ctx, "on_epoch_end", None) or [])
+    hooks.extend(getattr(ctx, "epoch_hooks", None) or [])  # the name the resume tests use
     return hooks
 
 
@@ -93,8 +98,9 @@ def _rl_groups(ctx: StageContext, emb: torch.Tensor) -> tuple[GroupData, GroupDa
         ctx.log.warning("%d candidates with eval_failed excluded from their groups", stats["eval_failed"])
     train_recs, val_recs = split_records(records, ctx.plan.validation.val_fraction)
     n = emb.size(0)
-    train = build_groups(train_recs, n_items=n, reward_cfg=ctx.plan.reward)
-    val = build_groups(val_recs, n_items=n, reward_cfg=ctx.plan.reward)
+    dev = emb.device
+    train = build_groups(train_recs, n_items=n, reward_cfg=ctx.plan.reward).to(dev)
+    val = build_groups(val_recs, n_items=n, reward_cfg=ctx.plan.reward).to(dev)
     return train, val, stats
 
 
@@ -110,6 +116,31 @@ def _saver(ctx: StageContext, prefix: str, phase: str) -> Callable[[PointerSelec
     return save
 
 
+@contextlib.contextmanager
+def _flag_nonfinite(ctx: StageContext) -> Iterator[None]:
+    """Tell telemetry about a NaN/inf before the stage fails (the NaN alert fires on it)."""
+    try:
+        yield
+    except NonFiniteError as e:
+        nonfinite = getattr(ctx.telemetry, "nonfinite", None)
+        if callable(nonfinite):
+            nonfinite(e.phase, e.what)
+        raise
+
+
+def _fingerprint(ctx: StageContext, part: str = "") -> str:
+    """What a resume state must match: this stage's config hash (and curriculum phase)."""
+    return f"{ctx.stage}:{ctx.config_hash}:{part}"
+
+
+def _already_stopped(ctx: StageContext) -> bool:
+    """An earlier attempt on this staging dir was stopped by a hook: its outputs are final."""
+    if (ctx.out / "stopped.json").exists():
+        ctx.log.info("%s: stopped.json present in the staging dir; training already stopped", ctx.stage)
+        return True
+    return False
+
+
 def _v2_model(ctx: StageContext) -> tuple[PointerSelector, dict]:
     return load_checkpoint(ctx.input("train-v2").path / "model")
 
@@ -119,35 +150,51 @@ def _v2_model(ctx: StageContext) -> tuple[PointerSelector, dict]:
 
 def train_v2(ctx: StageContext) -> None:
     """CE on the InfoScore beams -> ``model.safetensors`` + ``model.json`` + ``metrics.jsonl``."""
+    with _flag_nonfinite(ctx):
+        _train_v2(ctx)
+
+
+def _train_v2(ctx: StageContext) -> None:
     plan = ctx.plan
-    emb = load_train_embeddings(ctx.input("export-embeddings").path)
+    emb = load_train_embeddings(ctx.input("export-embeddings").path).to(training_device())
     records, counts = read_beams(ctx.input("generate-beams").paths(), plan.v2.score_threshold)
     ctx.log.info("beams: %s", counts)
     if counts["beams_kept"] == 0 and plan.v2.epochs > 0:
         raise StageError(f"no beams left to train on (v2.score_threshold={plan.v2.score_threshold}; {counts})")
     tr, va = split_records(records, plan.validation.val_fraction)
-    train = build_groups(tr, n_items=emb.size(0), reward_field="score")
-    val = build_groups(va, n_items=emb.size(0), reward_field="score")
-    model = build_selector(emb.size(1), plan.selector, seed=plan.seed)
+    train = build_groups(tr, n_items=emb.size(0), reward_field="score").to(emb.device)
+    val = build_groups(va, n_items=emb.size(0), reward_field="score").to(emb.device)
+    model = build_selector(emb.size(1), plan.selector, seed=plan.seed).to(emb.device)
     rec = EpochRecorder(ctx.out, ctx.telemetry, epoch_hooks(ctx))
-    rows = run_v2(model, emb, train, val, plan.v2, recorder=rec, seed=plan.seed)
+    rows = run_v2(model, emb, train, val, plan.v2, recorder=rec, seed=plan.seed,
+                  state_path=ctx.out / "v2_state.safetensors", fingerprint=_fingerprint(ctx))
+    rows = [r for r in rec.epochs]  # restored + new (a resumed attempt returns only the new ones)
     save_checkpoint(ctx.out / "model", model, plan=plan.name, config_hash=ctx.config_hash,
                     epoch=len(rows), phase="v2", metrics=rows[-1] if rows else {}, extra={"beams": counts})
 
 
 def train_rce(ctx: StageContext) -> None:
     """RCE from the v2 weights -> ``rce_epochN`` checkpoints + metrics.jsonl (+ steps.jsonl)."""
+    with _flag_nonfinite(ctx):
+        _train_rce(ctx)
+
+
+def _train_rce(ctx: StageContext) -> None:
     plan = ctx.plan
+    if _already_stopped(ctx):
+        return
     rec = EpochRecorder(ctx.out, ctx.telemetry, epoch_hooks(ctx))
     if plan.rce.epochs == 0:
         return
-    emb = load_train_embeddings(ctx.input("export-embeddings").path)
+    emb = load_train_embeddings(ctx.input("export-embeddings").path).to(training_device())
     model, _ = _v2_model(ctx)
     _check_dims(model, emb, "train-v2 model")
+    model.to(emb.device)
     train, val, _ = _rl_groups(ctx, emb)
     if len(train) == 0:
         raise StageError("RL data holds no trainable query groups (all empty or eval_failed)")
-    run_rce(model, emb, train, val, plan.rce, recorder=rec, save=_saver(ctx, "rce", "rce"), seed=plan.seed)
+    run_rce(model, emb, train, val, plan.rce, recorder=rec, save=_saver(ctx, "rce", "rce"), seed=plan.seed,
+            state_path=ctx.out / "rce_state.safetensors", fingerprint=_fingerprint(ctx))
 
 
 def _grpo_start(ctx: StageContext) -> tuple[PointerSelector, str]:
@@ -162,19 +209,27 @@ def _grpo_start(ctx: StageContext) -> tuple[PointerSelector, str]:
 
 def train_grpo(ctx: StageContext) -> None:
     """GRPO from the RCE result -> ``grpo_epochN`` checkpoints + metrics.jsonl + steps.jsonl."""
+    with _flag_nonfinite(ctx):
+        _train_grpo(ctx)
+
+
+def _train_grpo(ctx: StageContext) -> None:
     plan, g = ctx.plan, ctx.plan.grpo
+    if _already_stopped(ctx):
+        return
     rec = EpochRecorder(ctx.out, ctx.telemetry, epoch_hooks(ctx))
     cur = g.curriculum
     total = (cur.phase1_epochs + cur.phase2_epochs) if cur.enabled else g.epochs
     if g.epochs == 0 or total == 0:
         return
-    emb = load_train_embeddings(ctx.input("export-embeddings").path)
+    emb = load_train_embeddings(ctx.input("export-embeddings").path).to(training_device())
     model, start = _grpo_start(ctx)
     _check_dims(model, emb, start)
+    model.to(emb.device)
     if g.reference == "rce":
         reference: Optional[PointerSelector] = frozen_copy(model)
     elif g.reference == "v2":
-        reference = frozen_copy(_v2_model(ctx)[0])
+        reference = frozen_copy(_v2_model(ctx)[0].to(emb.device))
     else:
         reference = None
     train, val, _ = _rl_groups(ctx, emb)
@@ -188,7 +243,7 @@ def train_grpo(ctx: StageContext) -> None:
     save = _saver(ctx, "grpo", "grpo")
     if not cur.enabled:
         run_grpo(model, emb, train, val, g, epochs=g.epochs, reference=reference, recorder=rec, save=save,
-                 seed=plan.seed)
+                 seed=plan.seed, state_path=ctx.out / "grpo_state.safetensors", fingerprint=_fingerprint(ctx))
         atomic_write_json(ctx.out / "grpo_info.json", info)
         return
     if cur.phase1_epochs + cur.phase2_epochs != g.epochs:
@@ -205,19 +260,24 @@ def train_grpo(ctx: StageContext) -> None:
     else:
         rows, beta, stopped = run_grpo(model, emb, train.subset(p1), val, g, epochs=cur.phase1_epochs,
                                        reference=reference, recorder=rec, save=save, seed=plan.seed,
-                                       extra={"curriculum_phase": 1})
-        done = len(rows)
+                                       extra={"curriculum_phase": 1},
+                                       state_path=ctx.out / "grpo_p1_state.safetensors",
+                                       fingerprint=_fingerprint(ctx, "p1"))
+        # epochs of phase 1, including those a resumed attempt restored instead of re-running
+        done = max((int(r["epoch"]) for r in rec.epochs if r.get("curriculum_phase") == 1), default=0)
         if stopped:
             atomic_write_json(ctx.out / "grpo_info.json", info)
             return
         ck = plan.checkpoint
-        epochs = available_epochs(ctx.out, "grpo")
-        e, why = choose_epoch(rows_by_epoch(ctx.out), epochs, ck.strategy,
+        epochs = [e for e in available_epochs(ctx.out, "grpo") if e <= done]
+        e, why = choose_epoch({int(r["epoch"]): r for r in rec.epochs}, epochs, ck.strategy,
                               min(ck.epoch, epochs[-1]) if ck.strategy == "epoch" and ck.epoch else None)
         model, _ = load_checkpoint(ctx.out / f"grpo_epoch{e}")
+        model.to(emb.device)
         info["phase1"] = {"groups": len(p1), "epochs": done, "selected_epoch": e, "reason": why}
     run_grpo(model, emb, train, val, g, epochs=cur.phase2_epochs, reference=reference, recorder=rec, save=save,
-             seed=plan.seed + 1, start_epoch=done + 1, beta=beta, extra={"curriculum_phase": 2})
+             seed=plan.seed + 1, start_epoch=done + 1, beta=beta, extra={"curriculum_phase": 2},
+             state_path=ctx.out / "grpo_p2_state.safetensors", fingerprint=_fingerprint(ctx, "p2"))
     atomic_write_json(ctx.out / "grpo_info.json", info)
 
 

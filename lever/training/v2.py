@@ -17,8 +17,9 @@ import torch
 from tqdm import tqdm
 
 from lever.pipeline.context import StageError
-from lever.rl.groups import GroupData, batch_step_logprobs, build_groups
-from lever.rl.trainer import small_model_threads, EpochRecorder, check_finite, clip_and_check, mean
+from lever.rl.groups import GroupData, batch_step_logprobs
+from lever.rl.resume import load_state, restore, save_state
+from lever.rl.trainer import EpochRecorder, check_finite, clip_and_check, mean, small_model_threads
 from lever.selectors.pointer import PointerSelector, eval_mode, gather_sequence, greedy
 
 
@@ -91,7 +92,7 @@ def evaluate_v2(model: PointerSelector, emb: torch.Tensor, data: GroupData, batc
     ce_sum = n_rows = top1 = in_top = 0.0
     with eval_mode(model):
         for s in range(0, len(data), batch_size):
-            qsel = torch.arange(s, min(s + batch_size, len(data)))
+            qsel = torch.arange(s, min(s + batch_size, len(data)), device=data.device)
             step_lp, seqs, rq, rg = batch_step_logprobs(model, emb, data, qsel)
             ce_sum += float(-gather_sequence(step_lp, seqs).sum())
             n_rows += len(rq)
@@ -106,21 +107,40 @@ def evaluate_v2(model: PointerSelector, emb: torch.Tensor, data: GroupData, batc
 def run_v2(
     model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData, cfg: Any, *,
     recorder: EpochRecorder, seed: int = 0, grad_clip: float = 1.0, phase: str = "v2",
+    state_path: Optional[Path] = None, fingerprint: str = "",
 ) -> list[dict]:
-    """Teacher-forced CE over all kept beams (V2TrainConfig ``cfg``); trains ``model`` in place."""
+    """Teacher-forced CE over all kept beams (V2TrainConfig ``cfg``); trains ``model`` in place.
+    Dropout RNG seeded from ``seed`` in a forked scope; ``state_path`` resumes a killed attempt."""
     if cfg.epochs == 0 or len(train) == 0:
         return []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _v2_epochs(model, emb, train, val, cfg, recorder=recorder, seed=seed, grad_clip=grad_clip,
+                          phase=phase, state_path=state_path, fingerprint=fingerprint)
+
+
+def _v2_epochs(
+    model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData, cfg: Any, *,
+    recorder: EpochRecorder, seed: int, grad_clip: float, phase: str, state_path: Optional[Path], fingerprint: str,
+) -> list[dict]:
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
-    rows, step = [], 0
-    for epoch in range(1, cfg.epochs + 1):
+    rows, step, first = [], 0, 1
+    st = load_state(state_path, fingerprint) if state_path is not None else None
+    if st is not None:
+        restore(st, model, opt, gen)
+        first, step = st.epoch + 1, st.global_step
+        recorder.restore(st.epoch)
+    if recorder.stopped is not None:  # a hook stopped an earlier attempt on this dir
+        return rows
+    for epoch in range(first, cfg.epochs + 1):
         model.train()
         perm = torch.randperm(len(train), generator=gen)
         losses, norms = [], []
         for i in tqdm(range(steps), desc=f"v2 epoch {epoch}/{cfg.epochs}", leave=False, disable=None):
-            qsel = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            qsel = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(train.device)
             step_lp, seqs, _, _ = batch_step_logprobs(model, emb, train, qsel)
             loss = -gather_sequence(step_lp, seqs).mean()
             lv = check_finite(loss, "loss", phase, epoch, step)
@@ -133,7 +153,11 @@ def run_v2(
             step += 1
         row = {"train_loss": mean(losses), **evaluate_v2(model, emb, val), "grad_norm": mean(norms)}
         rows.append(row)
-        if recorder.epoch(phase, epoch, row):
+        stop = recorder.epoch(phase, epoch, row)
+        if state_path is not None:
+            save_state(state_path, model=model, opt=opt, gen=gen, epoch=epoch, global_step=step,
+                       fingerprint=fingerprint)
+        if stop:
             break
     return rows
 

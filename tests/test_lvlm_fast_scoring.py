@@ -1,0 +1,92 @@
+"""The fast scoring path gives the plain path's numbers (fp32, within 1e-4)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lever.data.dataset import load_index
+from lever.models.fast_scoring import FastScorer
+from lever.models.lvlm import Example
+from lever.models.prompting import icd_example, most_common_answer, query_example
+
+from lever_tiny_env import tiny_data, tiny_lvlm
+
+
+@pytest.fixture(scope="module")
+def setup():
+    lvlm = tiny_lvlm()
+    index = load_index(tiny_data() / "prepare-data")
+    q = index.train[0]
+    pool = [icd_example(index.train[g]) for g in range(1, 13)]
+    return lvlm, query_example(q), most_common_answer(q.answers), pool
+
+
+def _compare(lvlm, prompts, answers, max_batch=None):
+    fast = FastScorer(lvlm, max_batch=max_batch)
+    got = fast.answer_logprob(prompts, answers)
+    ref = lvlm.answer_logprob(prompts, answers)
+    assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-4
+    return fast
+
+
+def test_beam_step_batch(setup):
+    lvlm, q, y, pool = setup
+    prompts = [[q]] + [[pool[c], q] for c in range(12)]
+    prompts += [[pool[b], pool[c], q] for b in (0, 3, 5) for c in range(12) if c != b]
+    fast = _compare(lvlm, prompts, [y] * len(prompts))
+    assert fast.forwards < len(prompts) / 4  # batched, not one forward per prompt
+    assert len(fast._features) == len({str(p.image) for p in pool} | {str(q.image)})
+    assert fast.vision_forwards == 1  # every image in one vision pass, never again
+
+
+def test_several_answers_per_prompt_share_the_prompt(setup):
+    lvlm, q, y, pool = setup
+    prompts = [[pool[1], pool[2], q]] * 4 + [[pool[3], q]] * 3
+    answers = ["red", "2", "two purple triangles", y, "circle", "3", "gray"]
+    _compare(lvlm, prompts, answers)
+
+
+def test_equal_text_with_different_images_is_not_shared(setup):
+    """Two ICDs with the same question and answer but different images tokenize identically; the
+    prefix cache must still keep them apart (a bug this test caught)."""
+    lvlm, q, y, pool = setup
+    a, b = pool[4], pool[7]
+    twin = Example(b.image, a.question, a.answer)
+    assert a.image != twin.image
+    prompts = [[a, q], [twin, q], [a, pool[0], q], [twin, pool[0], q]]
+    _compare(lvlm, prompts, [y] * 4)
+
+
+def test_text_only_and_big_groups_split_across_chunks(setup):
+    lvlm, q, y, pool = setup
+    text_q = Example(None, q.question)
+    prompts = [[Example(None, "What shape is shown?", "circle"), text_q]] * 3
+    prompts += [[pool[0], pool[c], q] for c in range(1, 12)]
+    _compare(lvlm, prompts, ["circle", y, "2"] + [y] * 11, max_batch=4)
+
+
+def test_vision_features_are_encoded_once(setup):
+    lvlm, q, y, pool = setup
+    fast = FastScorer(lvlm)
+    fast.answer_logprob([[pool[c], q] for c in range(6)], [y] * 6)
+    n = len(fast._features)
+    assert n == len({str(pool[c].image) for c in range(6)} | {str(q.image)})
+    calls, vis = fast.forwards, fast.vision_forwards
+    fast.answer_logprob([[pool[c], pool[c + 1], q] for c in range(5)], [y] * 5)
+    assert len(fast._features) == n and fast.vision_forwards == vis  # no image encoded again ...
+    assert fast.forwards - calls == 2  # ... so the call is one prefix + one suffix pass
+
+
+def test_rope_positions_match_the_models_own(setup):
+    import torch
+
+    from lever.models.fast_scoring import rope_positions
+
+    lvlm, q, y, pool = setup
+    for prompt in ([q], [pool[0], q], [pool[1], pool[2], pool[3], q], [Example(None, "x?", "1"), Example(None, "y?")]):
+        e = lvlm.encode(prompt, y)
+        ids = torch.tensor([e.ids])
+        grid = torch.stack([im.grid_thw for im in e.images]) if e.images else None
+        ref, _ = lvlm.model.model.get_rope_index(ids, mm_token_type_ids=(ids == lvlm.image_token_id).int(), image_grid_thw=grid)
+        got = rope_positions(e.ids, [tuple(im.grid_thw.tolist()) for im in e.images], lvlm.image_token_id, lvlm.merge)
+        assert ref[:, 0].tolist() == got
