@@ -151,8 +151,8 @@ def check_supported(kind: str, version: int, where: str = "") -> None:
     supported = CURRENT[kind]
     if version > supported:
         raise SchemaVersionError(
-            f"{where}: field 'schema_version': written by a newer Lever: schema_version {version} > "
-            f"supported {supported} for {kind.replace('_', ' ')}; upgrade lever"
+            f"{where}: field 'schema_version': {version} was written by a newer Lever (schema_version "
+            f"{version} > supported {supported} for {kind.replace('_', ' ')}); upgrade lever"
         )
 
 

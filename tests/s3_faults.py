@@ -14,11 +14,13 @@ instead (or mangles the answer):
 
 Rules match on method and a substring of the request path+query, fire on the first ``times``
 matches or with probability ``prob`` (a seeded RNG), and every injected fault is counted, so a test
-can assert that the faults really happened.
+can assert that the faults really happened.  ``limit`` caps a probabilistic rule (each fault
+costs a client backoff, so an uncapped rule makes a long test slow, not stricter).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import random
 import socket
@@ -41,6 +43,7 @@ class Fault:
     match: Optional[str] = None       # substring of path?query; None = any
     times: Optional[int] = None       # fire on the first N matching requests
     prob: float = 0.0                 # ... or with this probability (when times is None)
+    limit: Optional[int] = None       # with prob: fire at most this often (keeps backoff time bounded)
     fired: int = 0
 
     def __post_init__(self) -> None:
@@ -61,7 +64,7 @@ class FaultProxy:
     def __init__(self, upstream: str, faults: Optional[list[Fault]] = None, seed: int = 0):
         u = urlsplit(upstream)
         self.upstream_host, self.upstream_port = u.hostname or "127.0.0.1", u.port or 80
-        self.faults = list(faults or [])
+        self.faults = [dataclasses.replace(f, fired=0) for f in faults or []]
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.injected: Counter[str] = Counter()
@@ -96,8 +99,9 @@ class FaultProxy:
         self.stop()
 
     def set_faults(self, faults: list[Fault]) -> None:
+        """Replace the rules (copies with fresh counters, so one list can be installed twice)."""
         with self.lock:
-            self.faults = list(faults)
+            self.faults = [dataclasses.replace(f, fired=0) for f in faults]
 
     def decide(self, method: str, target: str) -> str:
         """The action for one request ("pass" when no rule fires); records it."""
@@ -109,7 +113,7 @@ class FaultProxy:
                 if f.times is not None:
                     fire = f.fired < f.times
                 else:
-                    fire = self.rng.random() < f.prob
+                    fire = self.rng.random() < f.prob and (f.limit is None or f.fired < f.limit)
                 if fire:
                     f.fired += 1
                     action = f.action

@@ -90,3 +90,17 @@ def test_rope_positions_match_the_models_own(setup):
         ref, _ = lvlm.model.model.get_rope_index(ids, mm_token_type_ids=(ids == lvlm.image_token_id).int(), image_grid_thw=grid)
         got = rope_positions(e.ids, [tuple(im.grid_thw.tolist()) for im in e.images], lvlm.image_token_id, lvlm.merge)
         assert ref[:, 0].tolist() == got
+
+
+def test_bench_scoring_prints_agreement_and_speedup():
+    from lever_tiny_env import tiny_plan
+
+    from lever.models.scoring_bench import run_scoring_bench
+
+    lines: list[str] = []
+    res = run_scoring_bench(tiny_plan().lvlm, ref=(8, 2, 2), ks=(8,), shots=(1, 2), n_queries=1, repeats=1,
+                            n_train=16, echo=lines.append)
+    assert lines[-1].startswith("speedup: ") and float(lines[-1].split()[1]) > 0
+    assert any("agreement" in x and "(ok)" in x for x in lines)
+    assert {(r.K, r.B, r.S) for r in res} == {(8, 2, 1), (8, 2, 2)}
+    assert all(r.max_abs_diff < 1e-4 and r.scorings > 0 for r in res)

@@ -162,3 +162,13 @@ def test_tail_tokenization_equals_whole_text_tokenization(lvlm, images, answer):
     text = lvlm._expand(lvlm.prompt_text(prompt), enc.images)
     whole = lvlm.tokenizer(text + answer, add_special_tokens=False)["input_ids"]
     assert enc.ids == whole
+
+
+def test_cached_template_and_piecewise_tokens_equal_the_slow_path(lvlm, images):
+    for n in range(5):
+        for _ in range(4):  # past the self-checks: the cached paths alone
+            prompt = prompt_with_images(images, n)
+            assert lvlm.prompt_text(prompt) == lvlm._render(prompt)
+            text = lvlm._expand(lvlm.prompt_text(prompt), lvlm.encode(prompt).images)
+            assert lvlm._ids(text) == lvlm._tokenize(text)
+    assert lvlm._segmented is not False

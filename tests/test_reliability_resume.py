@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from lever.config import load_plan
 from lever.pipeline.context import StageContext, UpstreamOutput
 from lever.pipeline.graph import Unit
-from lever.rl.synthetic import synthetic_embeddings, write_training_inputs
+from lever.rl.synthetic import write_training_inputs
 from lever.selectors.checkpoint import save_checkpoint
 from lever.selectors.pointer import build_selector
 
@@ -35,7 +35,6 @@ class Killed(Exception):
 
 def _inputs(root: Path, plan) -> dict[str, UpstreamOutput]:
     ups = write_training_inputs(root, n_items=64, dim=8, n_queries=20, pool_size=8, shards=2, group_sizes=(3, 7))
-    emb, _ = synthetic_embeddings(64, 8, 0)
     save_checkpoint(root / "v2" / "model", build_selector(8, plan.selector, seed=plan.seed), phase="v2")
     out = {name: UpstreamOutput(name, [(Unit(name, (("shard", i),)), p) for i, p in enumerate(paths)])
            for name, paths in ups.items()}

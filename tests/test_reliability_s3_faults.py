@@ -88,8 +88,11 @@ TRANSIENT = {
                          Fault("truncate", method="GET", match="_manifest.json", times=1)],
     "corrupted-bodies": [Fault("corrupt", method="GET", match="meta.json", times=1),
                          Fault("corrupt", method="GET", match="_manifest.json", times=1)],
-    "mixed-random": [Fault("503", prob=0.15), Fault("drop", prob=0.1), Fault("truncate", method="GET", prob=0.15),
-                     Fault("corrupt", method="GET", prob=0.15)],
+    "multipart-parts": [Fault("503", method="PUT", match="partNumber=2", times=2),
+                        Fault("drop", method="PUT", match="partNumber=3", times=1),
+                        Fault("500", method="POST", match="uploadId=", times=1)],  # CompleteMultipartUpload
+    "mixed-random": [Fault("503", prob=0.15, limit=3), Fault("drop", prob=0.1, limit=3),
+                     Fault("truncate", method="GET", prob=0.15, limit=3), Fault("corrupt", method="GET", prob=0.15, limit=3)],
 }
 
 
@@ -102,13 +105,16 @@ def test_transient_faults_give_identical_artifacts(s3, tmp_path, name):
     assert _committed(direct, bucket, "stage/k1")
     # what is in the bucket is exactly what was staged (read behind the proxy's back)
     assert direct.get_object(Bucket=bucket, Key="p/stage/k1/big.bin")["Body"].read() == payload
-    proxy.set_faults(TRANSIENT[name])  # fresh counters for the download side
+    uploads_hit = sum(proxy.injected.values())
+    proxy.set_faults(TRANSIENT[name])  # the same rules, fresh counters, for the download side
     other = _fresh(bucket, tmp_path)
     assert other.check("stage/k1") == []
     local = other.open("stage/k1")
     assert (local / "big.bin").read_bytes() == payload
     assert json.loads((local / "_manifest.json").read_text())["files"] == m["files"]
     assert sum(proxy.injected.values()) > 0, "no fault was injected: the test proved nothing"
+    if name not in ("truncated-bodies", "corrupted-bodies"):  # GET-only rules have nothing to hit on upload
+        assert uploads_hit > 0, "no fault hit the upload"
 
 
 def test_persistent_corruption_fails_clearly_and_nothing_corrupt_is_visible(s3, tmp_path):
@@ -162,12 +168,13 @@ def test_pipeline_through_faults_matches_a_clean_run(s3, tmp_path, monkeypatch):
     from test_runner_fakes import fake_stages
 
     proxy, direct, bucket = s3
-    small = ["infer.num_samples=8", "infer.shards=2", "infer.shots=[1,2]", "report.bootstrap_samples=100"]
+    small = ["infer.num_samples=8", "infer.shards=1", "infer.shots=[2]", "infer.baselines=[random]",
+             "report.bootstrap_samples=100", "beam.shards=1", "rl_data.shards=2"]
     plan = load_plan("plan1", "tiny", small)
     base = load_baseline(plan, "tiny", small)
     run_plan(plan, S3Store(bucket, "clean", cache_dir=tmp_path / "c1"), baseline=base, stages=fake_stages(), jobs=1)
-    proxy.set_faults([Fault("503", prob=0.1), Fault("drop", prob=0.05), Fault("truncate", method="GET", prob=0.1),
-                      Fault("corrupt", method="GET", prob=0.1)])
+    proxy.set_faults([Fault("503", prob=0.1, limit=4), Fault("drop", prob=0.05, limit=3),
+                      Fault("truncate", method="GET", prob=0.1, limit=4), Fault("corrupt", method="GET", prob=0.1, limit=4)])
     run_plan(plan, S3Store(bucket, "faulty", cache_dir=tmp_path / "c2"), baseline=base, stages=fake_stages(), jobs=1)
     assert sum(proxy.injected.values()) >= 5, proxy.injected
     clean, faulty = _manifests(direct, bucket, "clean"), _manifests(direct, bucket, "faulty")
@@ -180,3 +187,17 @@ def test_pipeline_through_faults_matches_a_clean_run(s3, tmp_path, monkeypatch):
             rb = json.loads(direct.get_object(Bucket=bucket, Key=f"faulty/{key}/report.json")["Body"].read())
             assert ra["accuracy"] == rb["accuracy"] and ra["comparison"] == rb["comparison"]
         assert a == b, key
+
+
+def test_quarantine_keeps_the_bytes(s3, tmp_path):
+    """A download that keeps failing verification may be the network's fault: quarantining the
+    artifact un-commits it but keeps every object under .quarantine/ (nothing finished is lost)."""
+    proxy, direct, bucket = s3
+    payload = os.urandom(MB)
+    _artifact(_fresh(bucket, tmp_path), "stage/k1", payload)
+    store = _fresh(bucket, tmp_path)
+    where = store.quarantine("stage/k1", "downloads failed verification")
+    assert store.check("stage/k1") is None
+    prefix = where[len(f"s3://{bucket}/"):]
+    kept = direct.get_object(Bucket=bucket, Key=f"{prefix}/big.bin")["Body"].read()
+    assert kept == payload

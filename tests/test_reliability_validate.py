@@ -98,6 +98,22 @@ def test_valid_inputs_pass(tmp_path, capsys):
     assert "arch.hidden" in capsys.readouterr().out
 
 
+def test_the_installed_command_exits_2_and_0(tmp_path):
+    """The real entry point (a subprocess), not only the in-process call."""
+    import subprocess
+    import sys
+
+    bad = subprocess.run([sys.executable, "-m", "lever", "validate", "rl-data", str(BAD / "rl-data/nan_reward.jsonl")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "candidates[1].acc_score" in bad.stdout
+    (tmp_path / "ok").mkdir()
+    save_checkpoint(tmp_path / "ok" / "model", build_selector(4, load_plan("baseline", "tiny").selector, seed=0))
+    save_checkpoint(tmp_path / "ok" / "rce_epoch1", build_selector(4, load_plan("baseline", "tiny").selector, seed=1))
+    good = subprocess.run([sys.executable, "-m", "lever", "validate", "checkpoint", str(tmp_path / "ok")],
+                          capture_output=True, text=True, timeout=120)
+    assert good.returncode == 0, good.stdout + good.stderr
+
+
 def test_every_problem_is_collected_not_just_the_first(tmp_path, capsys):
     recs = _good_rl()
     recs[0]["candidates"][0]["acc_score"] = "x"
@@ -204,11 +220,11 @@ def test_lever_run_refuses_bad_plan_and_changes_nothing(tmp_path, name, capsys):
 SUMMARY_SETS = ["infer.shots=[2]", "infer.baselines=[]", "infer.shards=1", "baseline_plan=null", "rl_data.shards=1"]
 
 
-def _report_store(tmp_path, predictions: str):
+def _report_store(tmp_path, predictions: str, rl_records: list[dict] | None = None):
     plan = load_plan("baseline", "tiny", SUMMARY_SETS)
     store = LocalStore(tmp_path / "store")
     pipe = Pipeline(plan, store)
-    seed(pipe, "generate-rl-data", {"rl_data.jsonl": jsonl(_good_rl())})
+    seed(pipe, "generate-rl-data", {"rl_data.jsonl": jsonl(rl_records if rl_records is not None else _good_rl())})
     seed(pipe, "train-rce", {"metrics.jsonl": ""})
     seed(pipe, "train-grpo", {"metrics.jsonl": ""})
     seed(pipe, "select-checkpoint", {"selected.json": json.dumps({"checkpoint": "model", "reason": "test"})})
@@ -233,10 +249,7 @@ def test_summarize_counts_failed_evaluations(tmp_path):
                  "error": "generation timed out"})
     recs = _good_rl()
     recs[1]["candidates"][0]["eval_failed"] = True
-    pipe, root = _report_store(tmp_path, jsonl(rows))
-    (root / ".tmp").mkdir()
-    key = seed(pipe, "generate-rl-data", {"rl_data.jsonl": jsonl(recs)})[0]
-    assert key  # replaced the clean RL data (same key: the seeded copy wins after quarantine)
+    pipe, root = _report_store(tmp_path, jsonl(rows), recs)
     r = pipe.run_unit("summarize", pipe.select_units("summarize")[0])
     rep = json.loads((root / r.key / "report.json").read_text())
     assert rep["schema_version"] == 1

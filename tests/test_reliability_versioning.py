@@ -85,7 +85,8 @@ def test_newer_version_is_refused_with_a_clear_message(kind):
         upgrade({"schema_version": CURRENT[kind] + 2}, kind, "f.json")
     msg = str(err.value)
     assert msg.startswith("f.json: field 'schema_version'")
-    assert f"written by a newer Lever: schema_version {CURRENT[kind] + 2} > supported {CURRENT[kind]}" in msg
+    v = CURRENT[kind] + 2
+    assert f"{v} was written by a newer Lever (schema_version {v} > supported {CURRENT[kind]}" in msg
     assert "upgrade lever" in msg
 
 

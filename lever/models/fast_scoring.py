@@ -229,6 +229,7 @@ class FastScorer:
         self.model.model.language_model(inputs_embeds=self._embed(pids, pimgs), attention_mask=pmask,
                                         position_ids=ppos, cache=cache, use_cache=True)
         self.forwards += 1
+        self.lvlm.calls += 1  # telemetry counts LVLM passes of either path
         return cache, pmask
 
     def _select(self, cache: Any, rows: torch.Tensor):
@@ -247,6 +248,8 @@ class FastScorer:
         feats = self._image_features(encoded, [i for _, i in members])
         pos_full = {i: self._positions(encoded[i]) for _, i in members}
         cache, pmask = self._prefix_cache(encoded, groups, feats, pos_full)
+        # similar suffix lengths share a pass (less padding); the order does not change results
+        members.sort(key=lambda m: (len(encoded[m[1]].ids) - groups[m[0]][0], m[1]))
         for s0 in range(0, len(members), self.max_batch):
             chunk = members[s0: s0 + self.max_batch]
             rows = torch.tensor([g for g, _ in chunk], device=dev)
@@ -273,6 +276,7 @@ class FastScorer:
         hidden = lm(inputs_embeds=self._embed(sids, simgs), attention_mask=mask, position_ids=spos,
                     cache=cache, use_cache=cache is not None).last_hidden_state
         self.forwards += 1
+        self.lvlm.calls += 1  # telemetry counts LVLM passes of either path
         # hidden states that predict the answer tokens, for every row at once
         sel_rows, sel_cols, targets = [], [], []
         for r, ((g, i), s) in enumerate(zip(members, suffixes)):

@@ -21,7 +21,6 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -119,17 +118,63 @@ class QwenVLM:
         self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
         self.merge = int(getattr(self.image_processor, "merge_size", 2))
         self.turn_start = "<|im_start|>"
+        self._added = {t: int(i) for t, i in self.tokenizer.get_added_vocab().items()}
+        self._special_re = re.compile("(" + "|".join(re.escape(t) for t in sorted(self._added, key=len, reverse=True)) + ")")
+        self._pieces = LRU(maxsize=65536)
+        self._segmented: Optional[bool] = None if self._added else False
+        self._segment_checks = 0
+        self._skeletons = LRU(maxsize=256)
+        self._skeleton_checks: dict[tuple, int] = {}
         self._images = LRU(maxsize=8192)
         self._prompt_ids = LRU(maxsize=4096)
         self.calls = 0  # forward passes, for telemetry
 
     # ------------------------------------------------------------------ text + images
 
-    def prompt_text(self, prompt: Sequence[Example]) -> str:
-        """The chat-templated prompt (one user turn, generation prompt), image pads unexpanded."""
+    def _render(self, prompt: Sequence[Example]) -> str:
         return self.processor.apply_chat_template(
             prompt_messages(prompt), tokenize=False, add_generation_prompt=True
         )
+
+    def prompt_text(self, prompt: Sequence[Example]) -> str:
+        """The chat-templated prompt (one user turn, generation prompt), image pads unexpanded.
+
+        Rendering a Jinja template per scored prompt is a visible cost, so the template is
+        rendered once per layout (which examples have images) with sentinel texts, and the
+        texts are spliced in; the first prompts of each layout are checked against a full render.
+        """
+        from lever.models.prompting import example_text
+
+        layout = tuple(ex.image is not None for ex in prompt) + (prompt[-1].answer is None,)
+        texts = [example_text(ex) for ex in prompt]
+
+        def skeleton() -> list[str]:
+            content: list[dict[str, Any]] = []
+            for k, ex in enumerate(prompt):
+                if ex.image is not None:
+                    content.append({"type": "image"})
+                content.append({"type": "text", "text": f"\x00{k}\x00"})
+            rendered = self.processor.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
+            parts = rendered.split("\x00")
+            return parts if len(parts) == 2 * len(prompt) + 1 else []
+
+        parts = self._skeletons.get_or(layout, skeleton)
+        if not parts:
+            return self._render(prompt)
+        out = [parts[0]]
+        for k in range(len(prompt)):
+            out.append(texts[int(parts[2 * k + 1])])
+            out.append(parts[2 * k + 2])
+        text = "".join(out)
+        checks = self._skeleton_checks.get(layout, 0)
+        if checks < 3:
+            self._skeleton_checks[layout] = checks + 1
+            if text != self._render(prompt):
+                self._skeletons[layout] = []
+                return self._render(prompt)
+        return text
 
     def process_image(self, image: Any) -> ProcessedImage:
         key = image_key(image)
@@ -154,6 +199,34 @@ class QwenVLM:
     def _tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _ids(self, text: str) -> list[int]:
+        """``_tokenize(text)`` from cached pieces.
+
+        Added (special) tokens split a text before the tokenizer model sees it, so the ids of a
+        prompt are the ids of its pieces between special tokens, and those pieces (an ICD's
+        "Question:... Short answer:..." text) recur across thousands of scored prompts.  The
+        first prompts are checked against whole-text tokenization; on any mismatch this falls
+        back to it for good.
+        """
+        if self._segmented is False:
+            return self._tokenize(text)
+        ids: list[int] = []
+        for piece in self._special_re.split(text):
+            if not piece:
+                continue
+            sid = self._added.get(piece)
+            if sid is not None:
+                ids.append(sid)
+            else:
+                ids.extend(self._pieces.get_or(piece, lambda p=piece: self._tokenize(p)))
+        if self._segment_checks < 16:
+            self._segment_checks += 1
+            if ids != self._tokenize(text):
+                log.warning("piecewise tokenization differs from whole-text tokenization; disabled")
+                self._segmented = False
+                return self._tokenize(text)
+        return ids
+
     def encode(self, prompt: Sequence[Example], answer: Optional[str] = None) -> Encoded:
         """Token ids of the templated prompt (+ answer), with the answer span from the ids.
 
@@ -163,7 +236,7 @@ class QwenVLM:
         """
         images = [self.process_image(ex.image) for ex in prompt if ex.image is not None]
         text = self._expand(self.prompt_text(prompt), images)
-        prompt_ids = self._prompt_ids.get_or(text, lambda: self._tokenize(text))
+        prompt_ids = self._prompt_ids.get_or(text, lambda: self._ids(text))
         if answer is None:
             return Encoded(list(prompt_ids), len(prompt_ids), images)
         if not answer:
@@ -188,7 +261,8 @@ class QwenVLM:
             tail_ids = self._prompt_ids.get_or(("tail", tail), lambda: self._tokenize(tail))
             k = len(tail_ids)
             if 0 < k <= len(prompt_ids) and prompt_ids[-k:] == tail_ids:
-                return list(prompt_ids[:-k]) + self._tokenize(tail + answer)
+                with_answer = self._prompt_ids.get_or(("tail", tail + answer), lambda: self._tokenize(tail + answer))
+                return list(prompt_ids[:-k]) + list(with_answer)
         return self._tokenize(text + answer)
 
     # ------------------------------------------------------------------ batching

@@ -118,7 +118,7 @@ def _train(model: Any, processor: Any, cfg: Any) -> None:
         opt.step()
         sched.step()
         if step % 50 == 0 or step == cfg.warmup_steps - 1:
-            log.info("tiny-qwen warm-up step %d/%d loss %.3f (%.0fs)", step + 1, cfg.warmup_steps, float(loss), time.time() - t0)
+            log.info("tiny-qwen warm-up step %d/%d loss %.3f (%.0fs)", step + 1, cfg.warmup_steps, loss.item(), time.time() - t0)
     model.eval()
 
 

@@ -324,16 +324,19 @@ class WorkerPool:
     workers start once (importing torch and building the LVLM is the expensive part) instead of
     once per stage.  Spawn, not fork: forking a process that already holds torch threads is unsafe."""
 
-    def __init__(self, jobs: int):
+    def __init__(self, jobs: int, gpus: int = 0):
         self.jobs = max(1, jobs)
+        self.gpus = gpus
         self._ex: Optional[ProcessPoolExecutor] = None
 
     def get(self) -> ProcessPoolExecutor:
         if self._ex is None:
             import multiprocessing as mp
 
-            self._ex = ProcessPoolExecutor(max_workers=self.jobs, mp_context=mp.get_context("spawn"),
-                                           initializer=_worker_init)
+            ctx = mp.get_context("spawn")
+            counter = ctx.Value("i", 0)
+            self._ex = ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx, initializer=_worker_init,
+                                           initargs=(counter, self.gpus))
         return self._ex
 
     def close(self) -> None:
@@ -389,8 +392,17 @@ def _safe(fn: Optional[Callable], *args: Any) -> None:
         log.debug("telemetry call failed: %s", exc)
 
 
-def _worker_init() -> None:
-    """One torch thread per worker: N workers on N cores, not N*N threads fighting."""
+def _worker_init(counter: Any = None, gpus: int = 0) -> None:
+    """One torch thread per worker: N workers on N cores, not N*N threads fighting.  With GPUs,
+    worker i sees only GPU i % gpus (set before torch is imported), so workers do not pile onto
+    GPU 0."""
+    if counter is not None and gpus > 0:
+        with counter.get_lock():
+            index = counter.value
+            counter.value += 1
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ids[index % len(ids)]
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -429,17 +441,25 @@ def run_unit(plan: PlanConfig, stage_name: str, unit: Unit, store: Store, run_id
     return Pipeline(plan, store, stages=stages, baseline=baseline, run_id=run_id).run_unit(stage_name, unit, force=force)
 
 
-def default_jobs(plan: PlanConfig) -> int:
-    """Worker processes for fanned-out stages: one per GPU on GPU plans, one per core otherwise."""
+def gpu_count(plan: PlanConfig) -> int:
+    """GPUs the plan's LVLM would use on this machine (0 on CPU plans or machines)."""
     dev = plan.lvlm.device
     if dev.startswith("cuda") or dev == "auto":
         try:
             import torch
 
             if torch.cuda.is_available():
-                return max(1, torch.cuda.device_count())
+                return torch.cuda.device_count()
         except ImportError:
             pass
+    return 0
+
+
+def default_jobs(plan: PlanConfig) -> int:
+    """Worker processes for fanned-out stages: one per GPU on GPU plans, one per core otherwise."""
+    gpus = gpu_count(plan)
+    if gpus:
+        return gpus
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
@@ -539,7 +559,7 @@ def run_plan(
     jobs = jobs or default_jobs(plan)
     names = stage_closure(only, stages) if only else [s.name for s in stages]
     base_reads = [n for s in stages if s.name in names and s.with_baseline for n in s.inputs]
-    pool = WorkerPool(jobs)
+    pool = WorkerPool(jobs, gpus=gpu_count(plan) if plan.lvlm.device in ("cuda", "auto") else 0)
     pipe.pool = pool
     try:
         if baseline is not None and base_reads:

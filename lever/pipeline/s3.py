@@ -48,6 +48,9 @@ _RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitEx
                 "500", "502", "503", "504", "BadDigest", "XAmzContentSHA256Mismatch"}
 
 
+_DAMAGED_ATTEMPTS = 3
+
+
 class _Retryable(Exception):
     """A transfer went wrong in a way a second try may fix (bad body checksum, short read)."""
 
@@ -130,6 +133,10 @@ class S3Store(Store):
         self.cache.mkdir(parents=True, exist_ok=True)
         self._client = client
         self._checked: dict[str, str] = {}
+        # committed artifacts are immutable (content-addressed) until quarantined, so within one
+        # process a manifest seen once, and a size check passed once, need no second round trip
+        self._manifests: dict[str, dict] = {}
+        self._intact: set[str] = set()
 
     # -- plumbing ---------------------------------------------------------------------------
     @property
@@ -152,13 +159,17 @@ class S3Store(Store):
         or the last failure, becomes a StoreError naming the operation (never the credentials).
         ``not_found``: value to return on 404 instead of failing."""
         attempts = max_attempts()
+        damaged = 0
         for attempt in range(1, attempts + 1):
             try:
                 return fn()
             except Exception as exc:
                 if not_found is not _Retryable and _is_not_found(exc):
                     return not_found
-                if not _retryable(exc) or attempt == attempts:
+                # bytes that arrive but do not match: a transfer fault is cured by one or two more
+                # tries; an object damaged in the bucket is not, so do not spend the whole budget
+                damaged += isinstance(exc, _Retryable)
+                if not _retryable(exc) or attempt == attempts or damaged >= _DAMAGED_ATTEMPTS:
                     raise StoreError(f"{self.url}: {what} failed"
                                      + (f" after {attempt} attempts" if attempt > 1 else "") + f": {exc}") from None
                 delay = min(5.0, 0.1 * (2 ** (attempt - 1))) * (0.5 + random.random())
@@ -226,6 +237,8 @@ class S3Store(Store):
 
     # -- Store interface --------------------------------------------------------------------
     def manifest(self, key: str) -> Optional[dict]:
+        if key in self._manifests:
+            return self._manifests[key]
         raw = self._get_bytes(self._obj(key, MANIFEST))
         if raw is None:
             return None
@@ -233,7 +246,15 @@ class S3Store(Store):
             data = json.loads(raw)
         except ValueError as exc:
             return {"_unreadable": str(exc)}
-        return data if isinstance(data, dict) else {"_unreadable": "not a JSON object"}
+        if not isinstance(data, dict):
+            return {"_unreadable": "not a JSON object"}
+        self._manifests[key] = data
+        return data
+
+    def _forget(self, key: str) -> None:
+        self._manifests.pop(key, None)
+        self._intact.discard(key)
+        self._checked.pop(key, None)
 
     def check(self, key: str) -> Optional[list[str]]:
         """Committed = manifest present; intact = every listed object present with its size.
@@ -243,6 +264,8 @@ class S3Store(Store):
             return None
         if "_unreadable" in m or not isinstance(m.get("files"), dict):
             return [f"{MANIFEST}: unreadable"]
+        if key in self._intact:
+            return []
         present = self._list(self._obj(key) + "/")
         problems = []
         for rel, info in m["files"].items():
@@ -251,6 +274,8 @@ class S3Store(Store):
                 problems.append(f"{rel}: missing")
             elif size != info.get("size"):
                 problems.append(f"{rel}: size {size} != manifest {info.get('size')}")
+        if not problems:
+            self._intact.add(key)
         return problems
 
     def open(self, key: str) -> Path:
@@ -341,7 +366,10 @@ class S3Store(Store):
         for rel in manifest["files"]:
             self._upload(staging / rel, self._obj(key, rel))
         body = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+        self._forget(key)
         self._put(self._obj(key, MANIFEST), body)  # last: only now is the artifact committed
+        self._manifests[key] = manifest
+        self._intact.add(key)
         atomic_write_json(staging / MANIFEST, manifest)
         local = self.cache / "objects" / key
         shutil.rmtree(local, ignore_errors=True)
@@ -364,7 +392,7 @@ class S3Store(Store):
         self._retry(f"uncommitting {key}", lambda: self.client.delete_object(Bucket=self.bucket, Key=self._obj(key, MANIFEST)))
         self._delete_prefix(self._obj(key) + "/")
         shutil.rmtree(self.cache / "objects" / key, ignore_errors=True)
-        self._checked.pop(key, None)
+        self._forget(key)
         return f"s3://{self.bucket}/{dest}"
 
     def discard_staging(self, key: str) -> None:

@@ -67,6 +67,11 @@ def validate_predictions(path: Path, plan: Optional[object] = None) -> list[str]
 # -- checkpoint -------------------------------------------------------------------------------
 
 def validate_checkpoint(path: Path, plan: Optional[object] = None) -> list[str]:
+    if path.is_dir():  # an artifact directory: every .json + .safetensors pair in it
+        stems = sorted({p.with_suffix("") for p in path.glob("*.json") if p.with_suffix(".safetensors").exists()})
+        if not stems:
+            return [f"{path}: no checkpoint (NAME.json + NAME.safetensors) in this directory"]
+        return [p for stem in stems for p in validate_checkpoint(stem, plan)]
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return [f"{path}: refused: {path.suffix} is a pickle-based format, which can run code when loaded; "
                 "Lever reads checkpoints only as .safetensors + .json"]
