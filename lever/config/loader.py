@@ -176,7 +176,8 @@ def resolve_plan(
         lines = []
         for err in exc.errors():
             loc = ".".join(str(x) for x in err["loc"]) or "<plan>"
-            src = _source_for(err["loc"], sources)
+            # a cross-field check (empty loc) is the plan's fault, not the defaults'
+            src = _source_for(err["loc"], sources) if err["loc"] else plan_layer.source
             lines.append(f"{src}: field '{loc}': {err['msg']}")
         raise PlanError("invalid plan:\n  " + "\n  ".join(lines)) from None
     return ResolvedPlan(cfg, sources)
