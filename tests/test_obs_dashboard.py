@@ -12,6 +12,11 @@ from lever.config.schema import AlertConfig
 from lever.obs.alerts import prometheus_rule_groups
 from lever.obs.dashboard import build_dashboard, dashboard_configmap, expressions, render_json
 from lever.obs.telemetry import EXPORTED_METRICS, Telemetry, emit_all
+from lever.report.regression import exported_metric_names as regress_exported
+
+# Two producers: the stage Telemetry, and `lever regress` (push_gauges), the only producer of the
+# nightly gauges.  A query may name a metric of either, nothing else.
+ALL_EXPORTED = EXPORTED_METRICS | regress_exported()
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "helm" / "lever" / "files" / "dashboard.json"
@@ -65,7 +70,7 @@ def test_dashboard_queries_name_only_exported_metrics() -> None:
     for expr in expressions(dash):
         names = metric_names(expr)
         assert names, f"query selects no metric: {expr!r}"
-        unknown = names - EXPORTED_METRICS
+        unknown = names - ALL_EXPORTED
         assert not unknown, f"{expr!r} names metrics the exporter does not export: {unknown}"
         used |= names
     required = {"lever_train_kl", "lever_train_ppo_loss", "lever_train_advantage_std", "lever_train_val_loss",
@@ -79,7 +84,20 @@ def test_alert_rules_name_only_exported_metrics() -> None:
     for group in prometheus_rule_groups(AlertConfig()):
         for rule in group["rules"]:
             names = metric_names(rule["expr"])
-            assert names and names <= EXPORTED_METRICS, (rule["alert"], names - EXPORTED_METRICS)
+            assert names and names <= ALL_EXPORTED, (rule["alert"], names - ALL_EXPORTED)
+
+
+def test_nightly_gauges_have_one_producer() -> None:
+    """Stage telemetry exports no nightly gauge; `lever regress` exports the ones the dashboard
+    and the nightly alert read (so a nightly number always comes from the CI-based verdict)."""
+    nightly = regress_exported()
+    assert not {n for n in EXPORTED_METRICS if n.startswith("lever_nightly_")}
+    assert {"lever_nightly_regression", "lever_nightly_accuracy_delta", "lever_nightly_baseline_accuracy",
+            "lever_last_push_timestamp_seconds"} <= nightly
+    rule = next(r for g in prometheus_rule_groups(AlertConfig()) for r in g["rules"] if r["alert"] == "LeverNightlyRegression")
+    assert {n for n in metric_names(rule["expr"]) if n.startswith("lever_nightly_")} == {"lever_nightly_regression"}
+    used = set().union(*(metric_names(e) for e in expressions(build_dashboard())))
+    assert {n for n in used if n.startswith("lever_nightly_")} <= nightly
 
 
 def test_dashboard_structure() -> None:

@@ -47,7 +47,15 @@ def test_every_alert_from_the_brief_exists_and_thresholds_come_from_config() -> 
     assert "< 0.02" in rules["LeverAdvantageStdCollapsed"]["expr"] and ">= 4" in rules["LeverAdvantageStdCollapsed"]["expr"]
     assert ">= 9" in rules["LeverValLossRising"]["expr"]
     assert "> 2700" in rules["LeverPipelineStalled"]["expr"]
-    assert "< -0.02" in rules["LeverNightlyRegression"]["expr"]
+    # the nightly alert reads only the CI-based flag of `lever regress`; margin and rule reach it
+    # through that verdict and are named in its annotations
+    nightly = rules["LeverNightlyRegression"]
+    assert "max without(shot) (lever_nightly_regression) == 1" in nightly["expr"]
+    assert "lever_nightly_accuracy_delta" not in nightly["expr"] and "< 7200" in nightly["expr"]
+    assert "more than 2 points" in nightly["annotations"]["summary"]
+    assert "rule strict" in nightly["annotations"]["description"]
+    assert "rule significant" in {r["alert"]: r for g in rules_file(AlertConfig(regression_rule="significant"))["groups"]
+                                  for r in g["rules"]}["LeverNightlyRegression"]["annotations"]["description"]
     assert "< 7200" in rules["LeverKLAboveThreshold"]["expr"]
     assert rules["LeverKLAboveThreshold"]["for"] == "30s"
 
@@ -91,6 +99,7 @@ def test_promtool_test_rules() -> None:
         ({"val_loss_rising_epochs": 3}, "LeverValLossRising"),
         ({"stalled_minutes": 60}, "LeverPipelineStalled"),
         ({"regression_margin": 2.5}, "LeverNightlyRegression"),
+        ({"regression_rule": "significant"}, "LeverNightlyRegression"),
     ],
 )
 def test_promtool_tests_catch_wrong_thresholds(tmp_path: Path, mutation: dict, expected_failure: str) -> None:

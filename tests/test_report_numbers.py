@@ -106,8 +106,65 @@ def test_partial_report_marks_missing_and_is_not_cached(built, tmp_path):
     rep = json.loads((store.open(res.key) / "report.json").read_text())
     assert rep["partial"] and any(m.startswith("infer/variantselector") for m in rep["missing"])
     assert rep["accuracy"]["plan"]["1"] is None and rep["accuracy"]["random"]["1"] is not None
-    assert "Partial report" in (store.open(res.key) / "report.md").read_text()
+    md = (store.open(res.key) / "report.md").read_text()
+    assert "Partial report" in md
     assert pipe.status("summarize", pipe.select_units("summarize")[0]) == "missing"
+    # the regression verdict is not available on a partial report (and writing it did not raise)
+    assert rep["regression"]["available"] is False and rep["regression"]["detected"] is False
+    assert "partial report" in rep["regression"]["reason"] and "verdict not available" in md
+    # plan1 asks for GRPO epochs 1..3, this variant trains 2: epoch 3 is reported as not trained
+    assert rep["epoch_checkpoints"]["evaluated"] == [1, 2] and rep["epoch_checkpoints"]["not_trained"] == [3]
+    assert "epoch3" not in rep["accuracy"] and rep["accuracy"]["epoch1"]["1"] is None
+
+
+def test_epoch_rows_match_their_predictions(built):
+    """plan1 evaluates GRPO epochs 1, 2, 3 beside the chosen checkpoint: one row each."""
+    store, plan, base, report_dir = built
+    rep = json.loads((report_dir / "report.json").read_text())
+    assert list(rep["accuracy"]) == ["plan", "baseline", "epoch1", "epoch2", "epoch3", "random", "retrieval"]
+    assert rep["epoch_checkpoints"] == {"requested": [1, 2, 3], "evaluated": [1, 2, 3], "not_trained": [],
+                                        "grpo_epochs": 3, "rows": ["epoch1", "epoch2", "epoch3"]}
+    for e in (1, 2, 3):
+        accs = []
+        for shot in (1, 2, 3):
+            rows = _predictions(store, plan, f"epoch{e}", shot)
+            assert len(rows) == 30 and {r["variant"] for r in rows.values()} == {f"epoch{e}"}
+            acc = 100 * sum(r["accuracy"] for r in rows.values()) / len(rows)
+            assert rep["accuracy"][f"epoch{e}"][str(shot)] == pytest.approx(acc, abs=0.006)
+            assert rep["n"][f"epoch{e}"][str(shot)] == 30
+            accs.append(acc)
+        assert rep["average"][f"epoch{e}"] == pytest.approx(sum(accs) / 3, abs=0.01)
+    # the fake epoch-N selector is better with N (skill 0.4 + 0.05 N): the rows are not copies
+    assert rep["average"]["epoch1"] != rep["average"]["epoch3"]
+    md = (report_dir / "report.md").read_text()
+    assert "| shot | plan | baseline | epoch1 | epoch2 | epoch3 | random | retrieval |" in md
+    assert "GRPO epoch checkpoints evaluated beside it" in md
+    e2 = rep["accuracy"]["epoch2"]
+    assert f"| 2 | {e2['1']:.2f} | {e2['2']:.2f} | {e2['3']:.2f} | {rep['average']['epoch2']:.2f} |" in md
+
+
+def test_regression_section_is_the_regress_verdict(built):
+    """The report's verdict is `lever regress`'s on the same report.json (CI-based, plan's rule)."""
+    from lever.report.regression import judge
+
+    store, plan, base, report_dir = built
+    rep = json.loads((report_dir / "report.json").read_text())
+    reg = rep["regression"]
+    assert reg["available"] and reg["rule"] == plan.alerts.regression_rule == "strict"
+    v = judge(rep, plan=plan.name, baseline="baseline", margin=plan.alerts.regression_margin, rule="strict")
+    assert reg == json.loads(json.dumps(v.as_dict()))
+    assert [s["shot"] for s in reg["shots"]] == ["1", "2", "3"]
+    for s, c in zip(reg["shots"], rep["comparison"]):
+        assert s["ci_high"] == pytest.approx(c["paired"]["high"]) and s["diff"] == pytest.approx(c["diff"])
+        assert s["regression"] == (c["paired"]["high"] < -plan.alerts.regression_margin)
+    # the rule comes from the plan's config: a `significant` plan gets that verdict
+    sig = load_plan("plan1", "tiny", SMALL + ["alerts.regression_rule=significant", "alerts.regression_margin=0"])
+    summary = run_plan(sig, store, baseline=base, stages=fake_stages(), jobs=1)
+    rep2 = json.loads((Path(summary.report).parent / "report.json").read_text())
+    want = judge(rep2, plan="plan1", baseline="baseline", margin=0.0, rule="significant")
+    assert rep2["regression"]["rule"] == "significant" and rep2["regression"]["detected"] == want.regression
+    assert [s["regression"] for s in rep2["regression"]["shots"]] == [
+        c["diff"] < 0 and c["paired"]["high"] < 0 for c in rep2["comparison"]]
 
 
 def test_compare_table(built):
@@ -121,6 +178,15 @@ def test_compare_table(built):
     assert [r["name"] for r in table["rows"] if r["avg"] == best_avg] == table["best"]["avg"]
     md = render_markdown(table)
     assert "| plan1 |" in md and "**" in md and "—" in md
+    # each plan's evaluated GRPO epochs, below the plans and above the references
+    assert names[3:9] == ["plan1 epoch1", "plan1 epoch2", "plan1 epoch3", "plan2 epoch1", "plan2 epoch2", "plan2 epoch3"]
+    assert {r["kind"] for r in table["rows"][3:9]} == {"epoch"} and names[9:] and "epoch" not in " ".join(names[9:])
+    rep = json.loads((built[3] / "report.json").read_text())
+    for e in (1, 2, 3):
+        assert row[f"plan1 epoch{e}"]["acc"] == {k: pytest.approx(v, abs=0.006) for k, v in rep["accuracy"][f"epoch{e}"].items()}
+    assert row["plan2 epoch1"]["avg"] is None
+    assert not [n for n in (r["name"] for r in compare_plans([plan], store, stages=fake_stages(), epochs=False)["rows"])
+                if "epoch" in n]
 
 
 def test_partial_report_rewritten_for_same_run_id(built):

@@ -16,8 +16,8 @@ import os
 import random
 from pathlib import Path
 
-from lever.pipeline.context import StageContext
-from lever.pipeline.graph import STAGES, Stage
+from lever.pipeline.context import StageContext, StageError
+from lever.pipeline.graph import STAGES, Stage, epoch_of_variant
 
 MODULE = __name__
 
@@ -96,7 +96,13 @@ def infer(ctx: StageContext) -> None:
     variant, shot = ctx.unit.get("variant"), ctx.unit.get("shot")
     n, i, m = ctx.plan.infer.num_samples, ctx.unit.get("shard"), ctx.unit.get("of")
     lo, hi = i * n // m, (i + 1) * n // m
-    skill = {"selector": 0.55, "random": 0.35, "retrieval": 0.45, "v2": 0.5}[variant]
+    epoch = epoch_of_variant(variant)
+    if epoch is not None:  # GRPO epoch N's checkpoint, read from the train-grpo artifact like the real stage
+        if not (ctx.input("train-grpo").path / f"grpo_epoch{epoch}.json").exists():
+            raise StageError(f"checkpoint grpo_epoch{epoch} missing from train-grpo")
+        skill = 0.4 + 0.05 * epoch
+    else:
+        skill = {"selector": 0.55, "random": 0.35, "retrieval": 0.45, "v2": 0.5}[variant]
     rows = []
     pred = ctx.out / "predictions.jsonl"
     done = {json.loads(line)["query_index"] for line in pred.read_text().splitlines()} if pred.exists() else set()

@@ -147,8 +147,8 @@ def _load_report(report: Optional[Path], store: Optional[str], plan: str, baseli
 def regress_cmd(
     plan: str = typer.Option(..., "--plan", help="plan under test (the nightly's recommended plan)"),
     baseline: str = typer.Option("baseline", "--baseline"),
-    margin: float = typer.Option(1.5, "--margin", help="accuracy points the plan may trail the baseline by"),
-    rule: str = typer.Option("strict", "--rule", help="strict: CI upper bound < -margin; significant: diff < -margin and CI upper bound < 0"),
+    margin: Optional[float] = typer.Option(None, "--margin", help="accuracy points the plan may trail the baseline by (default: the plan's alerts.regression_margin)"),
+    rule: Optional[str] = typer.Option(None, "--rule", help="strict: CI upper bound < -margin; significant: diff < -margin and CI upper bound < 0 (default: the plan's alerts.regression_rule)"),
     store: Optional[str] = typer.Option(None, "--store"),
     report: Optional[Path] = typer.Option(None, "--report", help="read this report.json instead of the store"),
     profile: str = typer.Option("cluster", "--profile", "-p"),
@@ -156,11 +156,18 @@ def regress_cmd(
     pushgateway: Optional[str] = typer.Option(None, "--pushgateway", help="default $LEVER_PUSHGATEWAY_URL; empty = no push"),
 ) -> None:
     """Fail (exit 1) when any shot of PLAN's report is below BASELINE by more than MARGIN, judged
-    with the report's confidence intervals; push ``lever_nightly_regression`` per shot."""
-    from lever.platform.regress import RULES, ReportFormatError, judge, push_gauges
+    with the report's confidence intervals (the same verdict as the report's regression section);
+    push ``lever_nightly_regression`` per shot, the only producer of the nightly gauges."""
+    from lever.report.regression import RULES, ReportFormatError, judge, push_gauges
 
-    if rule not in RULES:
+    if rule is not None and rule not in RULES:
         raise _fail(f"--rule must be one of {', '.join(RULES)}")
+    if rule is None or margin is None:
+        from lever.config import load_plan
+
+        alerts = load_plan(plan, profile).alerts  # PlanError -> exit 2 (lever.cli.main)
+        rule = alerts.regression_rule if rule is None else rule
+        margin = alerts.regression_margin if margin is None else margin
     data = _load_report(report, store, plan, baseline, profile)
     try:
         verdict = judge(data, plan=plan, baseline=baseline, margin=margin, rule=rule)

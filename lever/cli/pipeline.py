@@ -229,6 +229,7 @@ def compare_cmd(
     store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
     set_: list[str] = typer.Option([], "--set"),
     references: bool = typer.Option(True, "--references/--no-references", help="add the random/retrieval/v2 rows"),
+    epochs: bool = typer.Option(True, "--epochs/--no-epochs", help="add a row per evaluated GRPO epoch (checkpoint.evaluate_epochs)"),
     markdown: bool = typer.Option(False, "--markdown", help="print a Markdown table instead of a rich one"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
@@ -237,7 +238,7 @@ def compare_cmd(
     from lever.report.compare import compare_plans, render_markdown, render_rich
 
     cfgs = [load_plan(p, profile, set_) for p in plans]
-    table = compare_plans(cfgs, _open(store), references=references)
+    table = compare_plans(cfgs, _open(store), references=references, epochs=epochs)
     if as_json:
         typer.echo(json.dumps(table, indent=2))
     elif markdown:

@@ -212,12 +212,19 @@ class ValidationConfig(Section):
 class CheckpointConfig(Section):
     strategy: Literal["val_loss", "val_reward", "last", "epoch"] = "last"
     epoch: Optional[int] = Field(None, ge=1)
+    # GRPO epochs evaluated beside the chosen checkpoint (inference variants ``epoch{N}``, report
+    # rows ``epoch{N}``); epochs past the plan's GRPO epoch count are not evaluated (see
+    # lever.pipeline.graph.evaluated_epochs)
     evaluate_epochs: list[int] = []
 
     @model_validator(mode="after")
     def _epoch_needed(self) -> "CheckpointConfig":
         if self.strategy == "epoch" and self.epoch is None:
             raise ValueError("strategy 'epoch' needs 'epoch' set")
+        if any(e < 1 for e in self.evaluate_epochs):
+            raise ValueError(f"evaluate_epochs must be epoch numbers >= 1, got {self.evaluate_epochs}")
+        if len(set(self.evaluate_epochs)) != len(self.evaluate_epochs):
+            raise ValueError(f"evaluate_epochs lists an epoch twice: {self.evaluate_epochs}")
         return self
 
 
@@ -238,6 +245,10 @@ class InferConfig(Section):
         return self
 
 
+#: how a per-shot plan-vs-baseline difference is judged a regression (lever.report.regression)
+RegressionRule = Literal["strict", "significant"]
+
+
 class AlertConfig(Section):
     kl_max: float = 5.0
     kl_growth_per_epoch: float = 2.0
@@ -246,6 +257,9 @@ class AlertConfig(Section):
     val_loss_rising_epochs: int = 5
     stalled_minutes: int = 30
     regression_margin: float = 1.5
+    # strict: the CI's upper bound is below -margin; significant: diff < -margin and the CI
+    # excludes 0.  One rule for `lever regress`, the report's verdict and the nightly alert.
+    regression_rule: RegressionRule = "strict"
     guard: Literal["off", "warn", "stop", "rollback"] = "warn"
     # Prometheus side only (lever.obs.alerts): how long a condition must hold before an alert
     # fires, and how long after a run's last push its alerts still count (Pushgateway keeps

@@ -1,5 +1,7 @@
 """The ``infer`` stage: one (variant, shot, shard) unit of evaluation.
 
+Variants: ``selector`` (the chosen checkpoint, via convert), ``epoch{N}`` (GRPO epoch N's
+checkpoint from train-grpo, for ``checkpoint.evaluate_epochs``), ``v2``, ``random``, ``retrieval``.
 Eval queries are the first ``infer.num_samples`` items of ``infer.split`` (recorded order), cut
 into ``of`` contiguous ranges; this unit does range ``shard``.  Each query gets its ICDs from the
 variant (``selection.py``), the LVLM generates in batches, the answer is post-processed and scored
@@ -12,10 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional
 
 from lever.pipeline.context import StageContext, StageError
+from lever.pipeline.graph import epoch_of_variant
 from lever.pipeline.store import atomic_write_bytes
 
 PREDICTIONS = "predictions.jsonl"
@@ -59,11 +63,32 @@ def _checkpoint_stem(directory: Path, preferred: str) -> Path:
     return stems[0]
 
 
+def _uses_selector(variant: str) -> bool:
+    """Variants whose ICDs a pointer selector chooses (the others are random / retrieval)."""
+    return variant in ("selector", "v2") or epoch_of_variant(variant) is not None
+
+
+def _epoch_stem(ctx: StageContext, epoch: int) -> Path:
+    """GRPO epoch ``epoch``'s checkpoint in the train-grpo artifact; a StageError naming it when
+    training never wrote it (stopped early by the divergence guard, or fewer epochs ran)."""
+    d = ctx.input("train-grpo").path
+    stem = d / f"grpo_epoch{epoch}"
+    if not (stem.with_suffix(".json").exists() and stem.with_suffix(".safetensors").exists()):
+        have = sorted(int(m.group(1)) for p in d.glob("grpo_epoch*.json")
+                      if (m := re.fullmatch(r"grpo_epoch(\d+)\.json", p.name)) and p.with_suffix(".safetensors").exists())
+        raise StageError(f"{d}: checkpoint grpo_epoch{epoch} missing (checkpoint.evaluate_epochs lists epoch {epoch}; "
+                         f"train-grpo holds epochs {have or 'none'})")
+    return stem
+
+
 def _load_selector(ctx: StageContext, variant: str) -> Any:
     from lever.selectors.checkpoint import load_checkpoint
 
+    epoch = epoch_of_variant(variant)
     if variant == "selector":
         stem = _checkpoint_stem(ctx.input("convert").path, "v2format")
+    elif epoch is not None:
+        stem = _epoch_stem(ctx, epoch)
     else:
         stem = _checkpoint_stem(ctx.input("train-v2").path, "model")
     model, _meta = load_checkpoint(stem)
@@ -101,10 +126,13 @@ def infer(ctx: StageContext) -> None:
         raise StageError(f"{ctx.input('export-embeddings').path}: embedding rows do not match the dataset "
                          f"({emb.train_query.shape[0]} train rows for {len(train)} items)")
 
+    epoch = epoch_of_variant(variant)
+    if epoch is not None:
+        _epoch_stem(ctx, epoch)  # a missing epoch fails before any LVLM work
     out = ctx.out / PREDICTIONS
     done = read_done(out)
     todo = [q for q in range(lo, hi) if q not in done]
-    model = _load_selector(ctx, variant) if variant in ("selector", "v2") and todo else None
+    model = _load_selector(ctx, variant) if _uses_selector(variant) and todo else None
     lvlm = build_lvlm(ctx.plan.lvlm) if todo else None
     q_img_all = emb.get(cfg.split, "image")
     q_emb_all = emb.get(cfg.split, "query")
@@ -122,7 +150,7 @@ def infer(ctx: StageContext) -> None:
                 icds = [choose_random(p, shot, cfg.seed, q) for p, q in zip(pools, qs)]
             elif variant == "retrieval":
                 icds = [choose_retrieval(q_img_all[q], emb.train_image, p, shot) for p, q in zip(pools, qs)]
-            elif variant in ("selector", "v2"):
+            elif _uses_selector(variant):
                 icds = choose_selector(model, q_emb_all[qs], emb.candidates, pools, shot)
             else:
                 raise StageError(f"unknown inference variant {variant!r}")

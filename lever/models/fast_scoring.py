@@ -64,14 +64,68 @@ def rope_positions(ids: Sequence[int], grids: Sequence[tuple[int, int, int]], im
     return [t_pos, h_pos, w_pos]
 
 
+def rope_positions_batch(
+    ids: torch.Tensor,
+    valid: torch.Tensor,
+    grids: Sequence[Sequence[tuple[int, int, int]]],
+    image_token_id: int,
+    merge: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rope_positions` of every row of a padded batch at once: ([3, M, L], next [M]).
+
+    Row r's valid tokens (``valid[r]``, padding on either side) get the positions
+    ``rope_positions`` gives the unpadded row; padding gets 0.  ``grids[r]`` are the (t, h, w)
+    grids of row r's images in order.  ``next[r]`` is the position the token after the row would
+    get.  The rule only ever advances from a running position, so the positions of a suffix of a
+    sequence are its own positions plus the prefix's ``next`` -- which is how the fast path
+    positions suffixes without touching the prefix tokens again.  Vectorized because the
+    per-token Python loop cost more than the suffix passes' attention on the tiny model.
+    """
+    valid = valid.bool()
+    M, L = ids.shape
+    is_img = (ids == image_token_id) & valid
+    adv = valid.long()  # a text token advances all three axes by one
+    zero = torch.zeros_like(adv)
+    tt = hh = ww = zero
+    n_img = max((len(g) for g in grids), default=0)
+    if n_img and bool(is_img.any()):
+        big = L + 1  # a padding "image" no token index reaches
+        table = [[(gt * (gh // merge) * (gw // merge), gh // merge, gw // merge) for gt, gh, gw in g]
+                 + [(big, 1, 1)] * (n_img - len(g)) for g in grids]
+        info = torch.tensor(table, dtype=torch.long)  # [M, n_img, (tokens, rows, cols)]
+        ntok, lh_t, lw_t = info[..., 0], info[..., 1], info[..., 2]
+        ends = torch.cumsum(ntok, dim=1)
+        k_all = torch.cumsum(is_img.long(), dim=1) - 1  # index among the row's image tokens
+        which = torch.searchsorted(ends, k_all.clamp(min=0), right=True).clamp(max=n_img - 1)
+        k = k_all - (ends - ntok).gather(1, which)  # index inside its own image
+        lh, lw, nt = lh_t.gather(1, which), lw_t.gather(1, which), ntok.gather(1, which)
+        tt = torch.where(is_img, k // (lh * lw), zero)
+        hh = torch.where(is_img, (k // lw) % lh, zero)
+        ww = torch.where(is_img, k % lw, zero)
+        # an image advances by max(rows, cols), booked on its last token
+        adv = torch.where(is_img, torch.where(k == nt - 1, torch.maximum(lh, lw), zero), adv)
+    base = torch.cumsum(adv, dim=1) - adv
+    pos = torch.stack([base + tt, base + hh, base + ww])
+    return pos.masked_fill(~valid, 0), adv.sum(dim=1)
+
+
+#: Token budget of one language-model pass of the fast path: rows x (padded prefix + padded
+#: fed length).  What bounds memory on a GPU is the key/value cache and activations of the
+#: rows in flight; 32k token positions of Qwen2.5-VL-3B (36 layers, 2 KV heads of 128, bf16)
+#: are about 1.2 GB of cache plus ~0.8 GB of MLP activations.  The tiny CPU model fits a whole
+#: beam step (B*(K-1) rows at K=64) in one or two passes.
+DEFAULT_MAX_TOKENS = 32768
+
+
 class FastScorer:
     """Callable (prompts, answers) -> geometric-mean answer probabilities, like ``answer_prob``."""
 
-    def __init__(self, lvlm: QwenVLM, max_batch: Optional[int] = None) -> None:
+    def __init__(self, lvlm: QwenVLM, max_batch: Optional[int] = None, max_tokens: Optional[int] = None) -> None:
         self.lvlm = lvlm
         self.model = lvlm.model
-        # suffixes are much shorter than whole prompts, so more of them fit in one pass
-        self.max_batch = max_batch or 4 * lvlm.batch_size
+        # rows per pass are bounded by the token budget; ``max_batch`` optionally caps them too
+        self.max_batch = max_batch
+        self.max_tokens = max_tokens or DEFAULT_MAX_TOKENS
         self.vision_start_id = int(lvlm.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
         self._features = LRU(maxsize=16384)
         self.forwards = 0  # language-model passes
@@ -95,10 +149,28 @@ class FastScorer:
         encoded = [self.lvlm.encode(p, a) for p, a in zip(prompts, answers)]
         out: list[float] = [0.0] * len(encoded)
         groups = self._groups(encoded)
-        for g0 in range(0, len(groups), self.max_batch):
-            for i, v in self._run_groups(encoded, groups[g0: g0 + self.max_batch]):
+        for part in self._budget_chunks(groups, lambda g: g[0]):
+            for i, v in self._run_groups(encoded, part):
                 out[i] = v
         return out
+
+    def _budget_chunks(self, items: list, length) -> list[list]:
+        """Consecutive runs of ``items`` whose count x longest ``length`` fits the token budget
+        (and ``max_batch``); always at least one item per run."""
+        runs: list[list] = []
+        cur: list = []
+        longest = 0
+        for it in items:
+            n = max(longest, length(it))
+            if cur and ((len(cur) + 1) * max(n, 1) > self.max_tokens
+                        or (self.max_batch is not None and len(cur) >= self.max_batch)):
+                runs.append(cur)
+                cur, n = [], length(it)
+            cur.append(it)
+            longest = n
+        if cur:
+            runs.append(cur)
+        return runs
 
     # ------------------------------------------------------------------ grouping
 
@@ -161,12 +233,23 @@ class FastScorer:
                 if im.key is None or im.key not in self._features:
                     need.append(im)
         local: dict[int, torch.Tensor] = {}
-        if need:  # one vision pass over every image not seen yet, in order of first use
-            pv = torch.cat([im.pixel_values for im in need]).to(self.lvlm.device, self.lvlm.dtype)
-            grid = torch.stack([im.grid_thw for im in need]).to(self.lvlm.device)
+        # vision passes over every image not seen yet, in order of first use, within the budget
+        # (in patches: the vision tower attends within each image, so passes are independent)
+        chunks: list[list[Any]] = []
+        patches = 0
+        for im in need:
+            n = im.pixel_values.shape[0]
+            if not chunks or patches + n > 4 * self.max_tokens:
+                chunks.append([])
+                patches = 0
+            chunks[-1].append(im)
+            patches += n
+        for chunk in chunks:
+            pv = torch.cat([im.pixel_values for im in chunk]).to(self.lvlm.device, self.lvlm.dtype)
+            grid = torch.stack([im.grid_thw for im in chunk]).to(self.lvlm.device)
             feats = self.model.model.get_image_features(pv, grid, return_dict=True).pooler_output
             self.vision_forwards += 1
-            for im, feat in zip(need, feats):
+            for im, feat in zip(chunk, feats):
                 if im.key is None:
                     local[id(im)] = feat
                 else:
@@ -177,118 +260,133 @@ class FastScorer:
                 out[id(im)] = self._features[im.key] if im.key is not None else local[id(im)]
         return out
 
-    def _embed(self, ids: torch.Tensor, images_per_row: list[list[torch.Tensor]]) -> torch.Tensor:
+    def _embed(self, ids: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Token embeddings with the image placeholders replaced by ``feats`` (all images of the
+        batch, row by row in order: boolean indexing fills placeholders in the same order)."""
         emb = self.model.model.get_input_embeddings()(ids)
-        for row, feats in enumerate(images_per_row):
-            if feats:
-                mask = ids[row] == self.lvlm.image_token_id
-                emb[row, mask] = torch.cat(feats).to(emb.dtype)
+        if feats:
+            mask = ids == self.lvlm.image_token_id
+            flat = torch.cat(feats).to(emb.dtype)
+            if int(mask.sum()) != flat.shape[0]:
+                raise AssertionError(f"{int(mask.sum())} image placeholders but {flat.shape[0]} feature rows")
+            emb[mask] = flat
         return emb
 
     # ------------------------------------------------------------------ forward
 
-    def _positions(self, e: Encoded) -> torch.Tensor:
-        """3-D rotary positions of the full, unpadded sequence: [3, len] (see rope_positions)."""
-        grids = [tuple(int(x) for x in im.grid_thw.tolist()) for im in e.images]
-        return torch.tensor(rope_positions(e.ids, grids, self.lvlm.image_token_id, self.lvlm.merge), device=self.lvlm.device)
+    def _n_images(self, e: Encoded, cut: int) -> int:
+        """Images wholly inside ids[:cut]; a cut inside an image is a bug, not a case."""
+        n = e.ids[:cut].count(self.vision_start_id)
+        if sum(im.n_tokens for im in e.images[:n]) != e.ids[:cut].count(self.lvlm.image_token_id):
+            raise AssertionError("prefix boundary cuts an image")
+        return n
 
-    def _split_images(self, e: Encoded, plen: int, feats: dict[int, torch.Tensor]):
-        n_prefix_tokens = sum(1 for t in e.ids[:plen] if t == self.lvlm.image_token_id)
-        pre, suf, acc = [], [], 0
-        for im in e.images:
-            if acc + im.n_tokens <= n_prefix_tokens:
-                pre.append(feats[id(im)])
-            else:
-                if acc < n_prefix_tokens:
-                    raise AssertionError("prefix boundary cuts an image")
-                suf.append(feats[id(im)])
-            acc += im.n_tokens
-        return pre, suf
+    def _grids(self, images: Sequence[Any], memo: dict[int, tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        out = []
+        for im in images:
+            g = memo.get(id(im))
+            if g is None:
+                g = memo[id(im)] = tuple(int(x) for x in im.grid_thw.tolist())
+            out.append(g)
+        return out
 
-    def _prefix_cache(self, encoded: list[Encoded], groups: list[tuple[int, list[int]]], feats, pos_full):
-        """One left-padded pass over the groups' prefixes: (cache with a row per group, mask)."""
+    def _prefix_cache(self, encoded: list[Encoded], groups: list[tuple[int, list[int]]], feats, memo):
+        """One left-padded pass over the groups' prefixes.
+
+        Returns (cache with a row per group or None, prefix mask [G, Lp], next rotary position
+        [G], images inside each prefix [G])."""
         from transformers import DynamicCache
 
-        dev = self.lvlm.device
         G = len(groups)
         Lp = max(plen for plen, _ in groups)
-        pmask = torch.zeros((G, Lp), dtype=torch.long, device=dev)
+        n_pre = [self._n_images(encoded[m[0]], plen) for plen, m in groups]
         if Lp == 0:
-            return None, pmask
-        pids = torch.full((G, Lp), self.lvlm.pad_id, dtype=torch.long, device=dev)
-        ppos = torch.zeros((3, G, Lp), dtype=torch.long, device=dev)
-        pimgs = []
-        for g, (plen, members) in enumerate(groups):
-            e = encoded[members[0]]
-            if plen:
-                pids[g, Lp - plen:] = torch.tensor(e.ids[:plen], device=dev)
-                pmask[g, Lp - plen:] = 1
-                ppos[:, g, Lp - plen:] = pos_full[members[0]][:, :plen]
-            pimgs.append(self._split_images(e, plen, feats)[0])
+            return None, torch.zeros((G, 0), dtype=torch.long), torch.zeros(G, dtype=torch.long), n_pre
+        pad = self.lvlm.pad_id
+        rows = [[pad] * (Lp - plen) + encoded[m[0]].ids[:plen] for plen, m in groups]
+        pids = torch.tensor(rows, dtype=torch.long)
+        pmask = (torch.arange(Lp) >= torch.tensor([Lp - plen for plen, _ in groups])[:, None]).long()
+        imgs = [encoded[m[0]].images[:n] for (_, m), n in zip(groups, n_pre)]
+        ppos, nxt = rope_positions_batch(pids, pmask, [self._grids(x, memo) for x in imgs],
+                                         self.lvlm.image_token_id, self.lvlm.merge)
+        dev = self.lvlm.device
         cache = DynamicCache(config=self.model.config.text_config)
-        self.model.model.language_model(inputs_embeds=self._embed(pids, pimgs), attention_mask=pmask,
-                                        position_ids=ppos, cache=cache, use_cache=True)
+        pids = pids.to(dev)
+        self.model.model.language_model(
+            inputs_embeds=self._embed(pids, [feats[id(im)] for x in imgs for im in x]),
+            attention_mask=pmask.to(dev), position_ids=ppos.to(dev), cache=cache, use_cache=True)
         self.forwards += 1
         self.lvlm.calls += 1  # telemetry counts LVLM passes of either path
-        return cache, pmask
+        return cache, pmask, nxt, n_pre
 
     def _select(self, cache: Any, rows: torch.Tensor):
-        """A new cache holding the given rows of ``cache`` (which stays intact for other chunks)."""
+        """A cache holding the given rows of ``cache`` (which stays intact for other chunks).
+        A chunk whose rows all come from one group expands that row (a view, no copy)."""
         from transformers import DynamicCache
 
         out = DynamicCache(config=self.model.config.text_config)
+        single = bool((rows == rows[0]).all())
+        r0 = int(rows[0])
         for li, layer in enumerate(cache.layers):
-            out.update(layer.keys[rows], layer.values[rows], li)
+            if single:
+                k = layer.keys[r0: r0 + 1].expand(len(rows), -1, -1, -1)
+                v = layer.values[r0: r0 + 1].expand(len(rows), -1, -1, -1)
+            else:
+                k, v = layer.keys[rows], layer.values[rows]
+            out.update(k, v, li)
         return out
 
     def _run_groups(self, encoded: list[Encoded], groups: list[tuple[int, list[int]]]):
-        """Prefixes of these groups in one pass, then their members' suffixes in chunks."""
-        dev = self.lvlm.device
+        """Prefixes of these groups in one pass, then their members' suffixes in passes that
+        fill the token budget (rows sorted by suffix length, so padding stays small)."""
         members = [(g, i) for g, (_, part) in enumerate(groups) for i in part]
         feats = self._image_features(encoded, [i for _, i in members])
-        pos_full = {i: self._positions(encoded[i]) for _, i in members}
-        cache, pmask = self._prefix_cache(encoded, groups, feats, pos_full)
-        # similar suffix lengths share a pass (less padding); the order does not change results
-        members.sort(key=lambda m: (len(encoded[m[1]].ids) - groups[m[0]][0], m[1]))
-        for s0 in range(0, len(members), self.max_batch):
-            chunk = members[s0: s0 + self.max_batch]
-            rows = torch.tensor([g for g, _ in chunk], device=dev)
-            yield from self._run_suffixes(encoded, groups, chunk, feats, pos_full,
-                                          None if cache is None else self._select(cache, rows), pmask[rows])
+        memo: dict[int, tuple[int, int, int]] = {}
+        cache, pmask, pnext, n_pre = self._prefix_cache(encoded, groups, feats, memo)
+        Lp = pmask.shape[1]
+        # the fed part of a row: everything after its prefix but the last answer token (no
+        # logit is needed after it)
+        fed = {i: len(encoded[i].ids) - 1 - groups[g][0] for g, i in members}
+        members.sort(key=lambda m: (fed[m[1]], m[1]))
+        for chunk in self._budget_chunks(members, lambda m: Lp + fed[m[1]]):
+            rows = torch.tensor([g for g, _ in chunk])
+            sub = None if cache is None else self._select(cache, rows.to(self.lvlm.device))
+            yield from self._run_suffixes(encoded, groups, chunk, feats, memo, sub, pmask[rows],
+                                          pnext[rows], n_pre)
 
-    def _run_suffixes(self, encoded, groups, members, feats, pos_full, cache, pmask):
+    def _run_suffixes(self, encoded, groups, members, feats, memo, cache, pmask, pnext, n_pre):
+        """One right-padded pass over the members' suffixes on top of their prefix rows; the
+        mean log-prob of each member's answer tokens."""
         dev = self.lvlm.device
-        lm = self.model.model.language_model
+        pad = self.lvlm.pad_id
         M = len(members)
-        suffixes = [encoded[i].ids[groups[g][0]:] for g, i in members]
-        Ls = max(len(s) for s in suffixes)
-        sids = torch.full((M, Ls), self.lvlm.pad_id, dtype=torch.long, device=dev)
-        smask = torch.zeros((M, Ls), dtype=torch.long, device=dev)
-        spos = torch.zeros((3, M, Ls), dtype=torch.long, device=dev)
-        simgs = []
-        for r, ((g, i), s) in enumerate(zip(members, suffixes)):
-            plen = groups[g][0]
-            sids[r, : len(s)] = torch.tensor(s, device=dev)
-            smask[r, : len(s)] = 1
-            spos[:, r, : len(s)] = pos_full[i][:, plen:]
-            simgs.append(self._split_images(encoded[i], plen, feats)[1])
+        seqs = [encoded[i].ids[groups[g][0]: -1] for g, i in members]
+        lens = [len(s) for s in seqs]
+        Ls = max(lens)
+        sids = torch.tensor([s + [pad] * (Ls - len(s)) for s in seqs], dtype=torch.long)
+        smask = (torch.arange(Ls) < torch.tensor(lens)[:, None]).long()
+        imgs = [encoded[i].images[n_pre[g]:] for g, i in members]
+        rel, _ = rope_positions_batch(sids, smask, [self._grids(x, memo) for x in imgs],
+                                      self.lvlm.image_token_id, self.lvlm.merge)
+        spos = (rel + pnext[None, :, None]) * smask  # the full sequence's positions
         mask = torch.cat([pmask, smask], dim=1) if cache is not None else smask
-        hidden = lm(inputs_embeds=self._embed(sids, simgs), attention_mask=mask, position_ids=spos,
-                    cache=cache, use_cache=cache is not None).last_hidden_state
+        sids = sids.to(dev)
+        hidden = self.model.model.language_model(
+            inputs_embeds=self._embed(sids, [feats[id(im)] for x in imgs for im in x]),
+            attention_mask=mask.to(dev), position_ids=spos.to(dev), cache=cache,
+            use_cache=cache is not None).last_hidden_state
         self.forwards += 1
         self.lvlm.calls += 1  # telemetry counts LVLM passes of either path
-        # hidden states that predict the answer tokens, for every row at once
-        sel_rows, sel_cols, targets = [], [], []
-        for r, ((g, i), s) in enumerate(zip(members, suffixes)):
-            a0 = encoded[i].answer_start - groups[g][0]
-            for t in range(a0, len(s)):
-                sel_rows.append(r)
-                sel_cols.append(t - 1)
-                targets.append(s[t])
-        h = hidden[torch.tensor(sel_rows, device=dev), torch.tensor(sel_cols, device=dev)]
+        # the hidden states that predict the answer tokens, for every row at once
+        a0 = torch.tensor([encoded[i].answer_start - groups[g][0] for g, i in members])
+        n = torch.tensor([encoded[i].n_answer for _, i in members])
+        targets = torch.tensor([t for _, i in members for t in encoded[i].ids[encoded[i].answer_start:]])
+        owner = torch.repeat_interleave(torch.arange(M), n)
+        first = torch.cumsum(n, 0) - n
+        cols = torch.repeat_interleave(a0 - 1 - first, n) + torch.arange(int(n.sum()))
+        h = hidden[owner.to(dev), cols.to(dev)]
         lp = torch.log_softmax(self.model.lm_head(h).float(), dim=-1)
-        tok = lp.gather(-1, torch.tensor(targets, device=dev).unsqueeze(-1)).squeeze(-1).cpu().double()
-        owner = torch.tensor(sel_rows)
+        tok = lp.gather(-1, targets.to(dev).unsqueeze(-1)).squeeze(-1).cpu().double()
         sums = torch.zeros(M, dtype=torch.float64).index_add_(0, owner, tok)
-        counts = torch.zeros(M, dtype=torch.float64).index_add_(0, owner, torch.ones_like(tok))
-        return [(i, float(sums[r] / counts[r])) for r, (_, i) in enumerate(members)]
+        means = (sums / n.double()).tolist()
+        return [(i, means[r]) for r, (_, i) in enumerate(members)]

@@ -15,7 +15,9 @@ Why this shape:
   series as the Pushgateway path.
 
 The hooks the pipeline calls (``ctx.telemetry``) are ``epoch``, ``step``, ``progress``,
-``accuracy``, ``stage_done``, ``nightly`` and ``nonfinite``; ``NullTelemetry`` accepts the same calls.
+``accuracy``, ``stage_done`` and ``nonfinite``; ``NullTelemetry`` accepts the same calls.
+The nightly gauges (``lever_nightly_*``) are not stage telemetry: ``lever regress`` pushes them
+(``lever.report.regression.push_gauges``), with the same grouping conventions.
 """
 
 from __future__ import annotations
@@ -179,16 +181,6 @@ class Telemetry:
         self._g_total = self._gauge("lever_stage_items_planned", "Work items this unit has to do.")
         self._c_lvlm = Counter("lever_lvlm_calls", "LVLM calls (batched requests) made.", self._label_names, registry=self.registry)
         self._g_acc = self._gauge("lever_infer_accuracy", "VQA accuracy (0..1) per variant and shot.", ("variant", "shot"))
-        self._g_n_acc = self._gauge("lever_nightly_accuracy", "Nightly plan accuracy (0..1) per shot.", ("shot",))
-        self._g_n_base = self._gauge(
-            "lever_nightly_baseline_accuracy", "Baseline plan accuracy (0..1) per shot for the nightly run.", ("shot",)
-        )
-        self._g_n_delta = self._gauge(
-            "lever_nightly_accuracy_delta", "Nightly accuracy minus baseline accuracy (ratio, per shot).", ("shot",)
-        )
-        self._g_n_reg = self._gauge(
-            "lever_nightly_regression", "1 when some shot is below the baseline by more than the margin."
-        )
 
     # ------------------------------------------------------------------ hooks
     def epoch(self, phase: str, epoch: int, metrics: Mapping[str, Any]) -> None:
@@ -296,25 +288,6 @@ class Telemetry:
         except Exception as exc:
             log.warning("telemetry.accuracy failed: %s", exc)
 
-    def nightly(self, per_shot: Mapping[int, tuple[float, float]], margin_points: float) -> bool:
-        """Nightly comparison: ``per_shot[shot] = (plan_acc, baseline_acc)`` as ratios; the margin
-        is in percentage points (``AlertConfig.regression_margin``).  Returns the regression flag."""
-        regression = False
-        try:
-            with self._lock:
-                for shot, (acc, base) in per_shot.items():
-                    delta = float(acc) - float(base)
-                    lab = dict(self._base, shot=str(shot))
-                    self._g_n_acc.labels(**lab).set(float(acc))
-                    self._g_n_base.labels(**lab).set(float(base))
-                    self._g_n_delta.labels(**lab).set(delta)
-                    regression = regression or delta < -margin_points / 100.0
-                self._g_n_reg.labels(**self._base).set(1 if regression else 0)
-            self.push()
-        except Exception as exc:
-            log.warning("telemetry.nightly failed: %s", exc)
-        return regression
-
     def stage_done(self, outcome: str, seconds: float) -> None:
         """End of the stage (``outcome``: succeeded | failed | stopped | ...); always pushes."""
         try:
@@ -411,7 +384,7 @@ class Telemetry:
 
 
 class NullTelemetry:
-    """Metrics are off: every hook is accepted and ignored (``nightly`` still computes its flag)."""
+    """Metrics are off: every hook is accepted and ignored."""
 
     registry = None
     server = None
@@ -430,9 +403,6 @@ class NullTelemetry:
 
     def accuracy(self, variant: str, shot: int, acc: float) -> None:
         return None
-
-    def nightly(self, per_shot: Mapping[int, tuple[float, float]], margin_points: float) -> bool:
-        return any(float(a) - float(b) < -margin_points / 100.0 for a, b in per_shot.values())
 
     def stage_done(self, outcome: str, seconds: float) -> None:
         return None
@@ -500,7 +470,6 @@ def emit_all(tel: Telemetry) -> None:
     tel.step("grpo", 1, {k: 0.1 for k in STEP_GAUGES})
     tel.progress(1, 2, lvlm_calls=3)
     tel.accuracy("v3", 1, 0.5)
-    tel.nightly({1: (0.5, 0.49)}, 1.5)
     tel.stage_done("succeeded", 1.0)
 
 

@@ -11,6 +11,7 @@ fans out.
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
@@ -78,16 +79,49 @@ def shard_count(stage: str, plan: PlanConfig) -> int:
     return {"generate-beams": plan.beam.shards, "generate-rl-data": plan.rl_data.shards}.get(stage, 1)
 
 
+EPOCH_VARIANT = re.compile(r"^epoch([1-9][0-9]*)$")
+
+
+def grpo_epochs_trained(plan: PlanConfig) -> int:
+    """How many GRPO epochs ``train-grpo`` runs for this plan (as ``lever.training.stages``
+    decides: nothing when ``grpo.epochs`` is 0, the two curriculum phases when enabled)."""
+    g = plan.grpo
+    if g.epochs == 0:
+        return 0
+    cur = g.curriculum
+    return cur.phase1_epochs + cur.phase2_epochs if cur.enabled else g.epochs
+
+
+def evaluated_epochs(plan: PlanConfig) -> list[int]:
+    """``checkpoint.evaluate_epochs`` the plan's GRPO trains, sorted.  An epoch past the plan's
+    GRPO epoch count (plan1 run with ``--set grpo.epochs=2``) is no unit: the report lists it as
+    not trained instead of the run failing on a checkpoint that cannot exist."""
+    total = grpo_epochs_trained(plan)
+    return sorted(e for e in plan.checkpoint.evaluate_epochs if e <= total)
+
+
+def epoch_of_variant(variant: object) -> Optional[int]:
+    """N for an ``epoch{N}`` inference variant (GRPO epoch N's checkpoint), else None."""
+    m = EPOCH_VARIANT.match(str(variant))
+    return int(m.group(1)) if m else None
+
+
 def infer_variants(plan: PlanConfig) -> list[str]:
-    """'selector' is the plan's own chosen checkpoint; the others are reference baselines."""
-    return ["selector"] + [b for b in plan.infer.baselines]
+    """'selector' is the plan's own chosen checkpoint; ``epoch{N}`` the GRPO epoch-N checkpoints
+    of ``checkpoint.evaluate_epochs``; the others are reference baselines."""
+    return ["selector"] + [f"epoch{e}" for e in evaluated_epochs(plan)] + [b for b in plan.infer.baselines]
 
 
 def _infer_inputs(unit: Unit) -> tuple[str, ...]:
+    """What each variant reads, so its key depends on nothing else: the chosen checkpoint
+    (convert), one GRPO epoch (train-grpo), the v2 selector (train-v2), or -- random/retrieval --
+    only data and embeddings, which makes those units one artifact shared by every plan."""
     variant = unit.get("variant")
     base = ("prepare-data", "export-embeddings")
     if variant == "selector":
         return base + ("convert",)
+    if epoch_of_variant(variant) is not None:
+        return base + ("train-grpo",)
     if variant == "v2":
         return base + ("train-v2",)
     return base
@@ -118,7 +152,8 @@ STAGES: tuple[Stage, ...] = (
           ("checkpoint", "selector_source"), description="pick the checkpoint (val_loss | val_reward | last | epoch)"),
     Stage("convert", "lever.training.stages:convert", ("select-checkpoint",), (),
           description="v3 checkpoint -> v2 layout for inference"),
-    Stage("infer", "lever.inference.stage:infer", ("prepare-data", "export-embeddings", "convert", "train-v2"),
+    Stage("infer", "lever.inference.stage:infer",
+          ("prepare-data", "export-embeddings", "convert", "train-v2", "train-grpo"),
           # not the whole infer section: shots/baselines/shards only pick units (and the unit params
           # carry shot, variant, shard, of), so a plan with other shots still shares each unit
           ("lvlm", "infer.split", "infer.num_samples", "infer.pool", "infer.retrieve_top_n", "infer.seed"),
@@ -126,7 +161,8 @@ STAGES: tuple[Stage, ...] = (
           description="predictions per (variant, shot, shard)"),
     Stage("summarize", "lever.report.stage:summarize",
           ("infer", "generate-rl-data", "train-rce", "train-grpo", "select-checkpoint"),
-          ("name", "baseline_plan", "report", "infer.shots", "alerts.regression_margin"),
+          ("name", "baseline_plan", "report", "infer.shots", "checkpoint.evaluate_epochs",
+           "alerts.regression_margin", "alerts.regression_rule"),
           with_baseline=True, description="report.md, report.json and plots against the baseline plan"),
 )
 

@@ -4,7 +4,7 @@
 * ``cron`` -- the nightly regression CronWorkflow;
 * ``pods`` -- pod-level pieces every template shares (retries, security, volumes, env);
 * ``render`` -- every committed generated file (``workflows/``, ``helm/lever/files/``);
-* ``regress`` -- the nightly verdict (``lever regress``) and its gauges;
+* ``regress`` -- re-exports the regression verdict (``lever.report.regression``) ``lever regress`` uses;
 * ``validation`` / ``dockerfile`` -- offline validation with the official schemas, Dockerfile policy.
 
 Nothing here imports torch.

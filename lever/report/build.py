@@ -1,7 +1,8 @@
 """The numbers of a report, computed from the stage inputs (pure: no files written here).
 
 Everything a researcher used to assemble by hand from the seeds' logs: per-shot accuracy of the
-plan, its baseline plan and the reference selectors, the differences with paired bootstrap
+plan, its baseline plan, the GRPO epoch checkpoints of ``checkpoint.evaluate_epochs`` (rows
+``epoch{N}``) and the reference selectors, the differences with paired bootstrap
 intervals, the chosen checkpoint and why, training curves, ICD overlap with the baseline, RL-data
 diagnostics and failed LVLM evaluations.  Missing inputs become ``None`` plus an entry in
 ``missing`` so a partial report (after a failed run) still says what it knows.
@@ -17,8 +18,10 @@ from typing import Any, Optional
 
 from lever.config.schema import PlanConfig
 from lever.pipeline.context import StageError, UpstreamOutput
+from lever.pipeline.graph import evaluated_epochs, grpo_epochs_trained
 from lever.report.bootstrap import paired_bootstrap
 from lever.report.predictions import Cell, collect
+from lever.report.regression import report_section
 
 REPORT_SCHEMA = 1
 CURVE_KEYS = {  # report name -> metric names tried in order (trainers may export either)
@@ -190,6 +193,9 @@ def build_report(plan: PlanConfig, baseline: Optional[PlanConfig], inputs: dict[
     rows: dict[str, dict[int, Optional[Cell]]] = {"plan": {s: cells.get(("selector", s)) for s in shots}}
     if baseline is not None:
         rows["baseline"] = {s: base_cells.get(("selector", s)) for s in shots}
+    epochs = evaluated_epochs(plan)
+    for e in epochs:  # GRPO epoch checkpoints evaluated beside the chosen one (checkpoint.evaluate_epochs)
+        rows[f"epoch{e}"] = {s: cells.get((f"epoch{e}", s)) for s in shots}
     for v in refs:
         rows[v] = {s: cells.get((v, s)) for s in shots}
 
@@ -218,11 +224,6 @@ def build_report(plan: PlanConfig, baseline: Optional[PlanConfig], inputs: dict[
 
     averages = {name: avg(name) for name in rows}
     diffs = [c["diff"] for c in comparison if c["diff"] is not None]
-    margin = plan.alerts.regression_margin
-    worst = min(diffs) if diffs else None
-    regression = {"margin_points": margin, "detected": bool(worst is not None and worst < -margin),
-                  "reason": (f"shot {comparison[[c['diff'] for c in comparison].index(worst)]['shot']} is "
-                             f"{-worst:.2f} points below the baseline (margin {margin})") if worst is not None and worst < -margin else ""}
 
     overlap = {}
     if baseline is not None:
@@ -238,16 +239,25 @@ def build_report(plan: PlanConfig, baseline: Optional[PlanConfig], inputs: dict[
     failed_pred = {name: sum((c.failed if c else 0) for c in r.values()) for name, r in rows.items()}
     rd = reward_diagnostics(plan, inputs)
     missing = list(missing or [])
+    is_partial = bool(partial or missing or incomplete)
+    units = "accuracy in percent (VQA accuracy x 100); predictions files hold 0..1"
+    # the same verdict `lever regress` reaches on this report.json (lever.report.regression)
+    regression = report_section(
+        {"schema_version": REPORT_SCHEMA, "units": units, "partial": is_partial, "missing": missing,
+         "incomplete_cells": incomplete, "baseline_plan": baseline.name if baseline is not None else None,
+         "comparison": comparison},
+        plan=plan.name, baseline=baseline.name if baseline is not None else None,
+        margin=plan.alerts.regression_margin, rule=plan.alerts.regression_rule)
     return {
         "schema_version": REPORT_SCHEMA,
         "plan": plan.name,
         "description": plan.description,
         "baseline_plan": baseline.name if baseline is not None else None,
-        "partial": bool(partial or missing or incomplete),
+        "partial": is_partial,
         "missing": missing,
         "incomplete_cells": incomplete,
         "shots": shots,
-        "units": "accuracy in percent (VQA accuracy x 100); predictions files hold 0..1",
+        "units": units,
         "accuracy": accuracy,
         "n": counts,
         "comparison": comparison,
@@ -257,6 +267,13 @@ def build_report(plan: PlanConfig, baseline: Optional[PlanConfig], inputs: dict[
         "shots_compared": len(diffs),
         "regression": regression,
         "checkpoint": selected,
+        "epoch_checkpoints": {
+            "requested": sorted(plan.checkpoint.evaluate_epochs),
+            "evaluated": epochs,
+            "not_trained": sorted(set(plan.checkpoint.evaluate_epochs) - set(epochs)),
+            "grpo_epochs": grpo_epochs_trained(plan),
+            "rows": [f"epoch{e}" for e in epochs],
+        },
         "training": training_curves(inputs),
         "icd_overlap": overlap,
         "reward_data": rd,

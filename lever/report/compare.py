@@ -1,5 +1,7 @@
 """``lever compare``: the seeds' multi-plan summary table (plans as rows, shots as columns).
 
+Rows: the plans (their chosen checkpoints), then each plan's evaluated GRPO epoch checkpoints
+(``plan1 epoch2``; ``checkpoint.evaluate_epochs``), then the reference selectors once each.
 Reads only the committed ``infer`` units of each plan (keys computed from the plan configs), so it
 works for any mix of finished and unfinished plans: a missing cell is shown as missing, never 0.
 """
@@ -10,7 +12,7 @@ import statistics
 from typing import Any, Sequence
 
 from lever.config.schema import PlanConfig
-from lever.pipeline.graph import STAGES, Stage
+from lever.pipeline.graph import STAGES, Stage, evaluated_epochs
 from lever.pipeline.hashing import plan_keys
 from lever.pipeline.store import CorruptArtifact, Store
 from lever.report.predictions import collect
@@ -38,20 +40,24 @@ def _cell_table(store: Store, plan: PlanConfig, stages: Sequence[Stage], variant
     return out
 
 
-def compare_plans(plans: Sequence[PlanConfig], store: Store, *, references: bool = True,
+def compare_plans(plans: Sequence[PlanConfig], store: Store, *, references: bool = True, epochs: bool = True,
                   stages: Sequence[Stage] = STAGES) -> dict:
     shots = sorted({s for p in plans for s in p.infer.shots})
     rows = []
-    ref_rows = []  # reference selectors (random, retrieval, v2) once each, below the plans
+    epoch_rows = []  # "PLAN epochN": the GRPO epoch checkpoints of checkpoint.evaluate_epochs, below the plans
+    ref_rows = []  # reference selectors (random, retrieval, v2) once each, below those
     seen_refs: set[str] = set()
     for p in plans:
-        variants = ["selector"] + ([v for v in p.infer.baselines if v not in seen_refs] if references else [])
-        table = _cell_table(store, p, stages, variants)
+        ep = [f"epoch{e}" for e in evaluated_epochs(p)] if epochs else []
+        refs = [v for v in p.infer.baselines if v not in seen_refs] if references else []
+        table = _cell_table(store, p, stages, ["selector", *ep, *refs])
         rows.append({"name": p.name, "kind": "plan", "acc": {s: table["selector"].get(s) for s in shots}})
-        for v in variants[1:]:
+        for v in ep:
+            epoch_rows.append({"name": f"{p.name} {v}", "kind": "epoch", "acc": {s: table[v].get(s) for s in shots}})
+        for v in refs:
             seen_refs.add(v)
             ref_rows.append({"name": v, "kind": "reference", "acc": {s: table[v].get(s) for s in shots}})
-    rows += ref_rows
+    rows += epoch_rows + ref_rows
     for r in rows:
         vals = [r["acc"][s] for s in shots]
         r["avg"] = round(statistics.fmean(vals), 2) if all(v is not None for v in vals) else None

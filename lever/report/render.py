@@ -20,6 +20,26 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
+RULE_TEXT = {
+    "strict": "regression when the CI's upper bound is more than {m} points below 0",
+    "significant": "regression when the difference is more than {m} points below 0 and the CI excludes 0",
+}
+
+
+def _regression(reg: dict[str, Any]) -> list[str]:
+    """The verdict `lever regress` reaches on this report (lever.report.regression)."""
+    rule = reg.get("rule", "strict")
+    head = (f"Regression check (rule `{rule}`: "
+            + RULE_TEXT.get(rule, "{m}").format(m=reg.get("margin_points")) + "): ")
+    if not reg.get("available", True):
+        return [head + reg.get("reason", "verdict not available")]
+    out = [head + (f"**REGRESSION** — {reg['reason']}" if reg["detected"] else "none")]
+    for s in reg.get("shots", []):
+        out.append(f"- shot {s['shot']}: {'REGRESSION' if s['regression'] else 'ok'} ({s['reason']})")
+    out += [f"- note: {n}" for n in reg.get("notes", [])]
+    return out
+
+
 def render_markdown(rep: dict[str, Any], plots: list[str]) -> str:
     L: list[str] = []
     L.append(f"# Lever report: {rep['plan']}" + (f" vs {rep['baseline_plan']}" if rep["baseline_plan"] else ""))
@@ -62,9 +82,7 @@ def render_markdown(rep: dict[str, Any], plots: list[str]) -> str:
     if has_base:
         L.append(f"Shots improved over the baseline: **{rep['shots_improved']} / {rep['shots_compared']}**. "
                  "`*` marks intervals that exclude 0.")
-        reg = rep["regression"]
-        L.append(f"Regression check (any shot more than {reg['margin_points']} points below the baseline): "
-                 + (f"**REGRESSION** — {reg['reason']}" if reg["detected"] else "none"))
+        L += _regression(rep["regression"])
         L.append("")
     L.append("## Chosen checkpoint")
     L.append("")
@@ -74,6 +92,21 @@ def render_markdown(rep: dict[str, Any], plots: list[str]) -> str:
                  f"`{ck.get('strategy')}`): {ck.get('reason', '')}")
     else:
         L.append(MISSING)
+    ep = rep.get("epoch_checkpoints") or {}
+    if ep.get("requested"):
+        L.append("")
+        L.append("GRPO epoch checkpoints evaluated beside it (`checkpoint.evaluate_epochs`; columns "
+                 + ", ".join(f"`{r}`" for r in ep.get("rows", [])) + " above):")
+        L.append("")
+        names = ep.get("rows", [])
+        if names:
+            L += _table(["epoch"] + [f"shot {s}" for s in rep["shots"]] + ["avg"],
+                        [[n.removeprefix("epoch")] + [_f(rep["accuracy"][n][str(s)]) for s in rep["shots"]]
+                         + [_f(rep["average"].get(n))] for n in names])
+        if ep.get("not_trained"):
+            L.append("")
+            L.append(f"Not evaluated: epoch(s) {', '.join(map(str, ep['not_trained']))} (the plan trains "
+                     f"{ep.get('grpo_epochs')} GRPO epoch(s)).")
     L.append("")
     L.append("## Training curves")
     L.append("")

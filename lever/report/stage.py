@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
-import os
 
 from lever.pipeline.context import StageContext
 from lever.pipeline.store import atomic_write_bytes
@@ -27,8 +25,9 @@ def summarize(ctx: StageContext) -> None:
 
 
 def _telemetry(ctx: StageContext, rep: dict) -> None:
-    """Per-shot accuracy gauges; the nightly comparison only in the nightly job (LEVER_NIGHTLY=1),
-    so an ordinary worse-than-baseline plan does not raise the nightly regression alert."""
+    """Per-shot accuracy gauges of the plan, its references and evaluated epochs.  No nightly
+    gauges: ``lever regress`` (lever.report.regression.push_gauges) is their only producer, so
+    the alert and the nightly's exit code cannot disagree."""
     for name, per_shot in rep["accuracy"].items():
         variant = "selector" if name == "plan" else name
         if name == "baseline":
@@ -36,8 +35,3 @@ def _telemetry(ctx: StageContext, rep: dict) -> None:
         for shot, acc in per_shot.items():
             if acc is not None:
                 ctx.telemetry.accuracy(variant, int(shot), acc / 100.0)
-    if os.environ.get("LEVER_NIGHTLY") and rep.get("baseline_plan"):
-        per = {c["shot"]: (c["plan"] / 100.0, c["baseline"] / 100.0) for c in rep["comparison"]
-               if c["plan"] is not None and c["baseline"] is not None and not math.isnan(c["plan"])}
-        if per:
-            ctx.telemetry.nightly(per, ctx.plan.alerts.regression_margin)
