@@ -28,14 +28,6 @@ OPTIONAL_FILES = {"PrometheusRule": CHART / "files" / "alert-rules.yaml", "dashb
 
 
 @pytest.fixture(scope="module")
-def shared() -> Path:
-    found = validation.find_shared_dir(ROOT)
-    if found is None:
-        pytest.skip("no shared/schemas folder above the repository and LEVER_SHARED_DIR unset")
-    return found
-
-
-@pytest.fixture(scope="module")
 def chart():
     return helm_python.Chart.load(str(CHART))
 
@@ -227,8 +219,7 @@ def test_artifact_repository_references_the_secret(rendered, shared):
 
 
 def test_prometheus_rule_uses_the_selector_labels(rendered):
-    if not OPTIONAL_FILES["PrometheusRule"].exists():
-        pytest.skip(f"{OPTIONAL_FILES['PrometheusRule']} not generated yet (lever alerts render)")
+    assert OPTIONAL_FILES["PrometheusRule"].exists(), "run scripts/render_obs.sh"
     (rule,) = _by_kind(rendered["production"], "PrometheusRule")
     assert rule["metadata"]["labels"]["release"] == "monitoring" and rule["metadata"]["labels"]["team"] == "ml"
     source = yaml.safe_load(OPTIONAL_FILES["PrometheusRule"].read_text())
@@ -238,8 +229,7 @@ def test_prometheus_rule_uses_the_selector_labels(rendered):
 
 
 def test_dashboard_configmap_for_the_grafana_sidecar(rendered):
-    if not OPTIONAL_FILES["dashboard"].exists():
-        pytest.skip(f"{OPTIONAL_FILES['dashboard']} not generated yet (lever dashboard render)")
+    assert OPTIONAL_FILES["dashboard"].exists(), "run scripts/render_obs.sh"
     (cm,) = [d for d in _by_kind(rendered["production"], "ConfigMap") if "dashboard" in d["metadata"]["name"]]
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert cm["metadata"]["annotations"] == {"grafana_folder": "ML"}

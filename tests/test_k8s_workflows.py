@@ -35,15 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def shared() -> Path:
-    found = validation.find_shared_dir(ROOT)
-    if found is None:
-        pytest.skip("no shared/schemas folder above the repository and LEVER_SHARED_DIR unset: "
-                    "official Argo schemas unavailable")
-    return found
-
-
-@pytest.fixture(scope="module")
 def files() -> dict[str, str]:
     return render.rendered_files()
 

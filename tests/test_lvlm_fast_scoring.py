@@ -21,8 +21,8 @@ def setup():
     return lvlm, query_example(q), most_common_answer(q.answers), pool
 
 
-def _compare(lvlm, prompts, answers, max_batch=None):
-    fast = FastScorer(lvlm, max_batch=max_batch)
+def _compare(lvlm, prompts, answers, max_batch=None, max_tokens=None):
+    fast = FastScorer(lvlm, max_batch=max_batch, max_tokens=max_tokens)
     got = fast.answer_logprob(prompts, answers)
     ref = lvlm.answer_logprob(prompts, answers)
     assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-4
@@ -104,3 +104,51 @@ def test_bench_scoring_prints_agreement_and_speedup():
     assert any("agreement" in x and "(ok)" in x for x in lines)
     assert {(r.K, r.B, r.S) for r in res} == {(8, 2, 1), (8, 2, 2)}
     assert all(r.max_abs_diff < 1e-4 and r.scorings > 0 for r in res)
+
+
+def test_batched_rope_positions_equal_the_per_sequence_rule(setup):
+    """Left- and right-padded batches, several images per row, text-only rows, and the
+    suffix rule (a suffix's positions = its own positions + the prefix's next position)."""
+    import torch
+
+    from lever.models.fast_scoring import rope_positions, rope_positions_batch
+
+    lvlm, q, y, pool = setup
+    prompts = [[q], [pool[0], q], [pool[1], pool[2], pool[3], q], [Example(None, "x?", "1"), Example(None, "y?")],
+               [pool[4], Example(None, "z?", "2"), q]]
+    encs = [lvlm.encode(p, y) for p in prompts]
+    grids = [[tuple(int(v) for v in im.grid_thw.tolist()) for im in e.images] for e in encs]
+    ref = [rope_positions(e.ids, g, lvlm.image_token_id, lvlm.merge) for e, g in zip(encs, grids)]
+    L = max(len(e.ids) for e in encs)
+    for left in (True, False):
+        rows, valid = [], []
+        for e in encs:
+            pad = [lvlm.pad_id] * (L - len(e.ids))
+            rows.append(pad + e.ids if left else e.ids + pad)
+            valid.append([0] * len(pad) + [1] * len(e.ids) if left else [1] * len(e.ids) + [0] * len(pad))
+        pos, nxt = rope_positions_batch(torch.tensor(rows), torch.tensor(valid), grids, lvlm.image_token_id, lvlm.merge)
+        for r, (e, want) in enumerate(zip(encs, ref)):
+            sl = slice(L - len(e.ids), L) if left else slice(0, len(e.ids))
+            assert pos[:, r, sl].tolist() == want
+            assert int(nxt[r]) == max(max(axis) for axis in want) + 1
+    # suffix rule: split every sequence before its last ICD's image
+    e, g = encs[2], grids[2]
+    cut = [t for t, x in enumerate(e.ids) if x == lvlm.tokenizer.convert_tokens_to_ids("<|vision_start|>")][-2]
+    pre, pnext = rope_positions_batch(torch.tensor([e.ids[:cut]]), torch.ones(1, cut), [g[:2]], lvlm.image_token_id, lvlm.merge)
+    suf, _ = rope_positions_batch(torch.tensor([e.ids[cut:]]), torch.ones(1, len(e.ids) - cut), [g[2:]],
+                                  lvlm.image_token_id, lvlm.merge)
+    assert torch.cat([pre[:, 0], suf[:, 0] + pnext[0]], dim=1).tolist() == ref[2]
+
+
+def test_token_budget_splits_passes_without_changing_numbers(setup):
+    lvlm, q, y, pool = setup
+    prompts = [[pool[b], pool[c], q] for b in (0, 3) for c in range(12) if c != b]
+    big = _compare(lvlm, prompts, [y] * len(prompts))
+    small = _compare(lvlm, prompts, [y] * len(prompts), max_tokens=200)
+    assert small.forwards > big.forwards  # the budget really split the work
+
+
+def test_a_lone_prompt_runs_in_one_pass(setup):
+    lvlm, q, y, pool = setup
+    fast = _compare(lvlm, [[pool[0], pool[1], q]], [y])
+    assert fast.forwards == 1  # nothing to share: no separate prefix pass

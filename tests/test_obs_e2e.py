@@ -147,7 +147,7 @@ def diverging_grpo(tel: Telemetry, guard: DivergenceGuard, out: Path) -> EpochRe
     val = build_groups(val_recs, n_items=n_items, reward_cfg=rc)
     model = build_selector(dim, SelectorConfig(hidden=32, dropout=0.0), seed=0)
     cfg = GRPOConfig(lr=0.5, batch_size=16, kl_beta=0.0, rank_advantage=False, freeze_backbone=False)
-    rec = EpochRecorder(out, telemetry=tel, hooks=[guard], console=Console(file=io.StringIO()))
+    rec = EpochRecorder(out, telemetry=tel, on_epoch_end=[guard], console=Console(file=io.StringIO()))
     run_grpo(model, emb, train, val, cfg, epochs=5, reference=frozen_copy(model), recorder=rec)
     return rec
 

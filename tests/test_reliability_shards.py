@@ -17,9 +17,9 @@ from lever.pipeline.context import StageContext
 from lever.pipeline.runner import Pipeline
 from lever.pipeline.store import LocalStore
 
-SMALL = ["infer.num_samples=8", "report.bootstrap_samples=100", "beam.num_queries=8", "rl_data.num_queries=8",
+SMALL = ["infer.num_samples=8", "report.bootstrap_samples=100", "beam.num_queries=5", "rl_data.num_queries=5",
          "infer.shots=[2]", "lvlm.warmup_steps=0", "beam.shards=1", "rl_data.shards=1", "infer.shards=1",
-         "infer.baselines=[random]"]
+         "infer.baselines=[random]", "rl_data.sources.v2_sample.enabled=false", "rce.epochs=1"]
 
 
 class Killed(Exception):
@@ -51,23 +51,23 @@ def test_rl_data_shard_resumes_per_query_byte_identical(pipe, tmp_path):
     full = tmp_path / "full"
     run_generate_rl_data(_ctx(pipe, "generate-rl-data", full))
     want = (full / RL_DATA_FILE).read_bytes()
-    assert len(want.splitlines()) == 8
+    assert len(want.splitlines()) == 5
 
     out = tmp_path / "killed"
 
-    def kill_after_3(qid: int) -> None:
-        if qid == 2:
+    def kill_after_2(qid: int) -> None:
+        if qid == 1:
             raise Killed
 
     with pytest.raises(Killed):
-        run_generate_rl_data(_ctx(pipe, "generate-rl-data", out), hook=kill_after_3)
+        run_generate_rl_data(_ctx(pipe, "generate-rl-data", out), hook=kill_after_2)
     partial = (out / RL_DATA_FILE).read_bytes()
-    assert len(partial.splitlines()) == 3
-    with open(out / RL_DATA_FILE, "ab") as f:  # the kill hit mid-write of query 3
-        f.write(want.splitlines(keepends=True)[3][:57])
+    assert len(partial.splitlines()) == 2
+    with open(out / RL_DATA_FILE, "ab") as f:  # the kill hit mid-write of query 2
+        f.write(want.splitlines(keepends=True)[2][:57])
     seen: list[int] = []
     run_generate_rl_data(_ctx(pipe, "generate-rl-data", out), hook=seen.append)
-    assert seen == [3, 4, 5, 6, 7], "the rerun recomputed finished queries"
+    assert seen == [2, 3, 4], "the rerun recomputed finished queries"
     assert (out / RL_DATA_FILE).read_bytes() == want
 
 

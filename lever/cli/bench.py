@@ -24,7 +24,7 @@ def bench_scoring(
     ks: str = typer.Option("16,32,64", help="pool sizes K for the growth table"),
     shots: str = typer.Option("1,2,3,4", help="shots S for the growth table (at the reference K, B)"),
     ref: str = typer.Option("64,5,2", help="reference K,B,S of the final speedup line"),
-    repeats: int = typer.Option(3, min=1, help="timed replays per path (best is kept)"),
+    repeats: int = typer.Option(5, min=1, help="timed replays per path and query (best is kept)"),
 ) -> None:
     """InfoScore scoring, plain vs fast: agreement, throughput, ratio; ends with ``speedup: X.XX``."""
     from lever.config import load_plan
@@ -34,3 +34,22 @@ def bench_scoring(
     k0, b0, s0 = _ints(ref)
     run_scoring_bench(cfg, ref=(k0, b0, s0), ks=_ints(ks), shots=_ints(shots), n_queries=queries,
                       repeats=repeats, echo=typer.echo)
+
+
+@bench_app.command("infer")
+def bench_infer(
+    plan: str = typer.Option("baseline", help="plan whose lvlm section is benchmarked"),
+    profile: Optional[str] = typer.Option("tiny", help="profile (tiny: offline tiny Qwen2.5-VL)"),
+    queries: int = typer.Option(48, min=1, help="eval queries per shot"),
+    shots: str = typer.Option("0,1,2,4", help="shots to run (all share one loaded model)"),
+    repeats: int = typer.Option(3, min=1, help="timed runs per path (best is kept)"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="default: the plan's lvlm.max_new_tokens"),
+) -> None:
+    """Greedy generation, one query at a time vs batched (the infer stage's path): identical
+    answers, throughput, ratio; ends with ``speedup: X.XX``."""
+    from lever.config import load_plan
+    from lever.models.infer_bench import run_infer_bench
+
+    cfg = load_plan(plan, profile=profile).lvlm
+    run_infer_bench(cfg, shots=_ints(shots), n_queries=queries, repeats=repeats,
+                    max_new_tokens=max_new_tokens, echo=typer.echo)

@@ -217,8 +217,11 @@ def report_cmd(
     data = json.loads((report_dir / "report.json").read_text())
     if data.get("partial"):
         typer.echo(f"partial report: {len(data.get('missing', []))} input unit(s) missing", err=True)
-    if fail_on_regression and data.get("regression", {}).get("detected"):
-        typer.echo(f"regression: {data['regression'].get('reason', '')}", err=True)
+    reg = data.get("regression", {})
+    if fail_on_regression and reg.get("available") is False:  # partial report / no baseline: say so, exit 0
+        typer.echo(f"regression check: {reg.get('reason', 'verdict not available')}", err=True)
+    if fail_on_regression and reg.get("detected"):
+        typer.echo(f"regression: {reg.get('reason', '')}", err=True)
         raise typer.Exit(1)
 
 

@@ -1,22 +1,27 @@
 """Fast answer scoring: the same numbers as ``QwenVLM.answer_logprob``, with far less compute.
 
 Where the plain path's time goes (measured on the tiny profile): the vision tower re-encodes every
-image of every prompt on every call (two thirds of the time), and every prompt's shared prefix
-(system turn, the beam's ICDs, or the whole prompt when several answers are scored against it)
-is recomputed per candidate.  This path
+image of every prompt on every call, and every prompt's shared prefix (system turn, the beam's
+ICDs, or the whole prompt when several answers are scored against it) is recomputed per
+candidate; on a model as small as the tiny one, per-token Python work (3-D rotary positions,
+image splicing) is the next cost.  This path
 
 1. encodes each image once and keeps its vision features (keyed by the image path; callers
    ``reset()`` per query so results never depend on what an earlier query cached);
 2. groups the (prompt, answer) pairs of a call by shared token prefix -- the whole prompt when it
    is scored with several answers (gt_prob), else everything before the last ICD (the beam's
    ICDs in a beam step: prompt order puts earlier picks first, see ``lever.models.prompting``),
-   else the common system header -- and runs each prefix once;
-3. runs the prefixes of up to ``max_batch`` groups in one left-padded pass, then their members'
-   suffixes in right-padded passes of up to ``max_batch`` rows over the selected rows of the
-   prefix key/value cache, with the same 3-D rotary positions the full sequence gets.
+   else the common system header -- and runs each prefix once, all groups in one left-padded pass;
+3. runs the members' suffixes (minus the last answer token, after which no logit is needed),
+   sorted by length, in right-padded passes that fill a token budget per device
+   (``DEFAULT_MAX_TOKENS``), on top of the selected rows of the prefix key/value cache;
+4. computes 3-D rotary positions for whole padded batches with tensor ops
+   (``rope_positions_batch``): a suffix's positions are its own plus the prefix's next position;
+5. sends only the hidden states of answer positions through the LM head.
 
-Only the logits of answer positions go through the LM head.  Results agree with the plain path
-within float noise (tests assert 1e-4 in fp32; in practice ~1e-6).
+Results agree with the plain path within float noise (tests assert 1e-4 in fp32; in practice
+~1e-6).  On a GPU the same code runs in bf16 with SDPA attention (the model's own
+implementation, chosen in ``build_lvlm``).
 """
 
 from __future__ import annotations
@@ -109,12 +114,18 @@ def rope_positions_batch(
     return pos.masked_fill(~valid, 0), adv.sum(dim=1)
 
 
-#: Token budget of one language-model pass of the fast path: rows x (padded prefix + padded
-#: fed length).  What bounds memory on a GPU is the key/value cache and activations of the
-#: rows in flight; 32k token positions of Qwen2.5-VL-3B (36 layers, 2 KV heads of 128, bf16)
-#: are about 1.2 GB of cache plus ~0.8 GB of MLP activations.  The tiny CPU model fits a whole
-#: beam step (B*(K-1) rows at K=64) in one or two passes.
-DEFAULT_MAX_TOKENS = 32768
+#: Token budget of one language-model pass of the fast path: rows x (padded prefix + padded fed
+#: length), per device type.  On a GPU what bounds a pass is memory: 32k token positions of
+#: Qwen2.5-VL-3B (36 layers, 2 KV heads of 128, bf16) are about 1.2 GB of key/value cache plus
+#: ~0.8 GB of MLP activations, far below an 80 GB card, and large passes keep it busy.  On a CPU
+#: passes that outgrow the caches get slower per token: measured on the tiny profile (2 cores,
+#: K=64, B=5, S=2), one query's fast scoring took 70 ms at 6-8k, 76 ms at 16k and 89 ms at 32k
+#: (a whole beam step of 315 rows in one pass).
+DEFAULT_MAX_TOKENS = {"cpu": 8192, "cuda": 32768}
+
+
+def default_max_tokens(device: torch.device) -> int:
+    return DEFAULT_MAX_TOKENS.get(device.type, DEFAULT_MAX_TOKENS["cuda"])
 
 
 class FastScorer:
@@ -125,7 +136,7 @@ class FastScorer:
         self.model = lvlm.model
         # rows per pass are bounded by the token budget; ``max_batch`` optionally caps them too
         self.max_batch = max_batch
-        self.max_tokens = max_tokens or DEFAULT_MAX_TOKENS
+        self.max_tokens = max_tokens or default_max_tokens(lvlm.device)
         self.vision_start_id = int(lvlm.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
         self._features = LRU(maxsize=16384)
         self.forwards = 0  # language-model passes
@@ -149,7 +160,11 @@ class FastScorer:
         encoded = [self.lvlm.encode(p, a) for p, a in zip(prompts, answers)]
         out: list[float] = [0.0] * len(encoded)
         groups = self._groups(encoded)
-        for part in self._budget_chunks(groups, lambda g: g[0]):
+        # groups without a prefix never share a prefix pass with others: a row of nothing but
+        # padding there would attend to no key at all
+        parts = self._budget_chunks([g for g in groups if g[0] > 0], lambda g: g[0])
+        parts += [[g] for g in groups if g[0] == 0]
+        for part in parts:
             for i, v in self._run_groups(encoded, part):
                 out[i] = v
         return out
@@ -177,8 +192,8 @@ class FastScorer:
     def _key(self, e: Encoded, cut: int) -> tuple:
         """Identity of ids[:cut]: the tokens *and* the images behind its image placeholders
         (two prompts with equal text but different images have equal ids)."""
-        n_img = sum(1 for x in e.ids[:cut] if x == self.vision_start_id)
-        return tuple(e.ids[:cut]), tuple(im.key or id(im) for im in e.images[:n_img])
+        head = e.ids[:cut]
+        return tuple(head), tuple(im.key or id(im) for im in e.images[: head.count(self.vision_start_id)])
 
     def _groups(self, encoded: list[Encoded]) -> list[tuple[int, list[int]]]:
         """[(prefix length, member indices)]; members share ids[:prefix length] and its images."""
@@ -196,8 +211,7 @@ class FastScorer:
         cuts: dict[int, int] = {}
         for i in sorted(left):
             e = encoded[i]
-            starts = [t for t, x in enumerate(e.ids[: e.answer_start]) if x == self.vision_start_id]
-            cuts[i] = starts[-2] if len(starts) >= 2 else 0
+            cuts[i] = self._second_last_image_start(e)
             by_icds.setdefault(self._key(e, cuts[i]), []).append(i)
         rest: list[int] = []
         for members in by_icds.values():
@@ -218,6 +232,20 @@ class FastScorer:
                 lcp = first.index(self.vision_start_id)
             groups.append((lcp, sorted(rest)))
         return groups
+
+    def _second_last_image_start(self, e: Encoded) -> int:
+        """Where the prompt's last ICD begins (its image's vision-start token), or 0 with fewer
+        than two images before the answer."""
+        starts: list[int] = []
+        t = -1
+        vs = self.vision_start_id
+        try:
+            while True:
+                t = e.ids.index(vs, t + 1, e.answer_start)
+                starts.append(t)
+        except ValueError:
+            pass
+        return starts[-2] if len(starts) >= 2 else 0
 
     # ------------------------------------------------------------------ vision
 
@@ -340,6 +368,9 @@ class FastScorer:
         """Prefixes of these groups in one pass, then their members' suffixes in passes that
         fill the token budget (rows sorted by suffix length, so padding stays small)."""
         members = [(g, i) for g, (_, part) in enumerate(groups) for i in part]
+        if len(members) == len(groups):  # nothing is shared: one pass over whole sequences
+            groups = [(0, [i for _, i in members])]
+            members = [(0, i) for _, i in members]
         feats = self._image_features(encoded, [i for _, i in members])
         memo: dict[int, tuple[int, int, int]] = {}
         cache, pmask, pnext, n_pre = self._prefix_cache(encoded, groups, feats, memo)
@@ -360,11 +391,17 @@ class FastScorer:
         dev = self.lvlm.device
         pad = self.lvlm.pad_id
         M = len(members)
-        seqs = [encoded[i].ids[groups[g][0]: -1] for g, i in members]
-        lens = [len(s) for s in seqs]
+        flat: list[int] = []
+        lens: list[int] = []
+        for g, i in members:
+            ids = encoded[i].ids
+            flat.extend(ids[groups[g][0]: -1])
+            lens.append(len(ids) - 1 - groups[g][0])
         Ls = max(lens)
-        sids = torch.tensor([s + [pad] * (Ls - len(s)) for s in seqs], dtype=torch.long)
-        smask = (torch.arange(Ls) < torch.tensor(lens)[:, None]).long()
+        valid = torch.arange(Ls) < torch.tensor(lens)[:, None]
+        sids = torch.full((M, Ls), pad, dtype=torch.long)
+        sids[valid] = torch.tensor(flat, dtype=torch.long)  # row-major: each row's tokens in order
+        smask = valid.long()
         imgs = [encoded[i].images[n_pre[g]:] for g, i in members]
         rel, _ = rope_positions_batch(sids, smask, [self._grids(x, memo) for x in imgs],
                                       self.lvlm.image_token_id, self.lvlm.merge)

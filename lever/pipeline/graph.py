@@ -127,6 +127,12 @@ def _infer_inputs(unit: Unit) -> tuple[str, ...]:
     return base
 
 
+# the alert thresholds the divergence guard applies inside training (lever.obs.guard); the rest
+# of ``alerts`` (regression margin, stall time, ...) must not invalidate trained checkpoints
+GUARD_FIELDS: tuple[str, ...] = ("alerts.guard", "alerts.kl_max", "alerts.kl_growth_per_epoch",
+                                 "alerts.adv_std_floor", "alerts.adv_std_epochs",
+                                 "alerts.val_loss_rising_epochs")
+
 STAGES: tuple[Stage, ...] = (
     Stage("prepare-data", "lever.data.stage:prepare_data", (), ("data",),
           description="normalized dataset index (train/val, fixed question_id order)"),
@@ -146,7 +152,7 @@ STAGES: tuple[Stage, ...] = (
           description="reward-weighted CE from the v2 weights"),
     Stage("train-grpo", "lever.training.stages:train_grpo",
           ("export-embeddings", "generate-rl-data", "train-rce", "train-v2"),
-          ("selector", "reward", "grpo", "validation", "alerts", "seed"), gpu=True,
+          ("selector", "reward", "grpo", "validation", "seed") + GUARD_FIELDS, gpu=True,
           description="GRPO from the RCE result"),
     Stage("select-checkpoint", "lever.training.stages:select_checkpoint", ("train-v2", "train-rce", "train-grpo"),
           ("checkpoint", "selector_source"), description="pick the checkpoint (val_loss | val_reward | last | epoch)"),

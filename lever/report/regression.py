@@ -226,7 +226,7 @@ def report_section(report: Mapping[str, Any], *, plan: str, baseline: Optional[s
         return unavailable(f"partial report (missing: {shown or 'inputs'})")
     try:
         return judge(report, plan=plan, baseline=baseline, margin=margin, rule=rule).as_dict()
-    except ReportFormatError as exc:
+    except ValueError as exc:  # ReportFormatError, or a negative alerts.regression_margin
         return unavailable(str(exc))
 
 

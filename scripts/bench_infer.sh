@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs `lever bench infer` (plain reference path vs fast path on the same inputs, in one process).
+# Usage: scripts/bench_infer.sh [options of `lever bench infer`]   (default: the tiny profile)
+# Uses .venv when scripts/install.sh made one, else the python on PATH ($PYTHON overrides).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python}"
+if [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ]; then PY=.venv/bin/python; fi
+exec "$PY" -m lever bench infer "$@"
