@@ -152,3 +152,22 @@ def test_a_lone_prompt_runs_in_one_pass(setup):
     lvlm, q, y, pool = setup
     fast = _compare(lvlm, [[pool[0], pool[1], q]], [y])
     assert fast.forwards == 1  # nothing to share: no separate prefix pass
+
+
+def test_bf16_path_runs_and_agrees_within_bf16_noise():
+    """The GPU configuration's dtype (bf16) through the same code: catches dtype mismatches in
+    image splicing, the prefix cache and the answer-only LM head (no GPU needed)."""
+    from lever.data.dataset import load_index
+    from lever.models.lvlm import build_lvlm
+
+    from lever_tiny_env import tiny_plan
+
+    lvlm = build_lvlm(tiny_plan("lvlm.dtype=bfloat16").lvlm)
+    assert next(lvlm.model.parameters()).dtype.is_floating_point and str(lvlm.dtype) == "torch.bfloat16"
+    index = load_index(tiny_data() / "prepare-data")
+    q, y = query_example(index.train[0]), most_common_answer(index.train[0].answers)
+    pool = [icd_example(index.train[g]) for g in range(1, 7)]
+    prompts = [[q]] + [[pool[c], q] for c in range(6)] + [[pool[0], pool[c], q] for c in range(1, 6)]
+    got = FastScorer(lvlm).answer_logprob(prompts, [y] * len(prompts))
+    ref = lvlm.answer_logprob(prompts, [y] * len(prompts))
+    assert max(abs(a - b) for a, b in zip(got, ref)) < 5e-2

@@ -14,7 +14,7 @@ def test_batched_generation_equals_one_by_one_on_the_bench_prompts():
     assert [r.shot for r in res] == [0, 2]
     assert all(r.identical == r.queries == 6 for r in res)
     assert any(x.startswith("agreement: 12/12") and "(ok)" in x for x in lines)
-    assert any(x.startswith("models loaded: 1 ") for x in lines)
+    assert any(x.startswith("models: 1 LVLM instance shared by all 2 shots") for x in lines)
     assert lines[-1].startswith("speedup: ") and float(lines[-1].split()[1]) > 0
     assert lvlm.batch_size > 1  # the fast path really batches
 

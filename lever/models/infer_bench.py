@@ -9,9 +9,10 @@ per config, so every shot below -- like every per-shot unit a worker or pod runs
   so every query gets exactly the tokens it gets alone.
 
 We check that the generated texts are identical, print the throughput of both paths in queries
-per second (per block of ``batch_size`` queries the best of a few interleaved repeats, summed;
-image preprocessing, done once per image per process by both paths, is outside the timed region) and their ratio per shot, and end with ``speedup: X.XX``
-over all shots.
+per second and their ratio per shot, and end with ``speedup: X.XX`` over all shots.  Timing:
+per block of ``batch_size`` queries, the best of a few consecutive runs of each path, summed
+over blocks; image preprocessing, done once per image per process by both paths, is outside
+the timed region.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ def bench_shot(lvlm: Any, prompts: list[list[Example]], max_new_tokens: int, rep
     """Time both paths on ``prompts`` and compare the texts.
 
     The queries go in blocks of ``lvlm.batch_size`` in query order -- exactly the calls the infer
-    stage makes.  Per block both paths run back to back ``repeats`` times (alternating which
-    goes first) and keep their best time; totals are sums over blocks, so a burst of load from
-    a neighbour process cannot land on one path only."""
+    stage makes.  Per block each path runs ``repeats`` times in a row and keeps its best time
+    (the two back to back, which goes first alternating by block); totals are sums over blocks,
+    so a burst of load from a neighbour process cannot land on one path only."""
     plain_t, fast_t = 0.0, 0.0
     plain: list[str] = []
     fast: list[str] = []
@@ -62,8 +63,8 @@ def bench_shot(lvlm: Any, prompts: list[list[Example]], max_new_tokens: int, rep
     for b0 in range(0, len(prompts), step):
         block = prompts[b0:b0 + step]
         best_p, best_f = float("inf"), float("inf")
-        for rep in range(max(1, repeats)):
-            for path in (("plain", "fast") if rep % 2 == 0 else ("fast", "plain")):
+        for path in (("plain", "fast") if (b0 // step) % 2 == 0 else ("fast", "plain")):
+            for _ in range(max(1, repeats)):
                 lvlm._prompt_ids.clear()  # tokenization is paid inside both timings
                 t = _clock()
                 if path == "plain":
@@ -126,7 +127,7 @@ def run_infer_bench(
         loads = len(_CACHE) - loads_before
     same = sum(r.identical for r in out)
     total = sum(r.queries for r in out)
-    echo(f"models loaded: {max(loads, 0) or 1} for {len(shots)} shots")
+    echo(f"models: 1 LVLM instance shared by all {len(shots)} shots ({loads} loaded by this run)")
     echo(f"agreement: {same}/{total} generations identical ({'ok' if same == total else 'MISMATCH'})")
     plain_s = sum(r.plain_s for r in out)
     fast_s = sum(r.fast_s for r in out)
