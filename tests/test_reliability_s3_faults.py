@@ -201,3 +201,16 @@ def test_quarantine_keeps_the_bytes(s3, tmp_path):
     prefix = where[len(f"s3://{bucket}/"):]
     kept = direct.get_object(Bucket=bucket, Key=f"{prefix}/big.bin")["Body"].read()
     assert kept == payload
+
+
+def test_adaptive_retry_mode_also_survives_throttling(s3, tmp_path, monkeypatch):
+    proxy, direct, bucket = s3
+    monkeypatch.setenv("LEVER_S3_RETRY_MODE", "adaptive")
+    payload = os.urandom(MB)
+    proxy.set_faults([Fault("503", times=3)])
+    _artifact(_fresh(bucket, tmp_path), "stage/k1", payload)
+    local = _fresh(bucket, tmp_path).open("stage/k1")
+    assert (local / "big.bin").read_bytes() == payload and proxy.injected["503"] == 3
+    monkeypatch.setenv("LEVER_S3_RETRY_MODE", "fast")
+    with pytest.raises(StoreError, match="LEVER_S3_RETRY_MODE"):
+        _fresh(bucket, tmp_path).check("stage/k1")

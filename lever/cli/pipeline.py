@@ -214,7 +214,9 @@ def report_cmd(
         _store_failure(exc)
         return
     typer.echo(pipe.store.location(r.key, "report.md"))
-    data = json.loads((report_dir / "report.json").read_text())
+    from lever.versioning import upgrade
+
+    data = upgrade(json.loads((report_dir / "report.json").read_text()), "report", str(report_dir / "report.json"))
     if data.get("partial"):
         typer.echo(f"partial report: {len(data.get('missing', []))} input unit(s) missing", err=True)
     reg = data.get("regression", {})

@@ -72,9 +72,13 @@ def make_client() -> Any:
 
     endpoint = os.environ.get("LEVER_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL") or None
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    # adaptive adds client-side rate limiting when a bucket throttles many workers at once
+    mode = os.environ.get("LEVER_S3_RETRY_MODE", "standard")
+    if mode not in ("standard", "adaptive", "legacy"):
+        raise StoreError(f"LEVER_S3_RETRY_MODE={mode!r}: expected standard, adaptive or legacy")
     cfg = Config(
         region_name=region,
-        retries={"max_attempts": 2, "mode": "standard"},
+        retries={"max_attempts": 2, "mode": mode},
         connect_timeout=10,
         read_timeout=120,
         s3={"addressing_style": "path"} if endpoint else None,
@@ -388,6 +392,12 @@ class S3Store(Store):
         record = {"key": key, "reason": reason, "at": utc_now(),
                   "manifest": raw.decode(errors="replace") if raw else None}
         self._put(dest + "/_quarantine.json", json.dumps(record, indent=2).encode())
+        # keep the bytes: "corrupt" may only mean the downloads were damaged in transit, and a
+        # finished artifact must stay recoverable (server-side copies; multipart above 5 GB)
+        base = self._obj(key) + "/"
+        for name in self._list(base):
+            self._retry(f"keeping {name}", lambda n=name: self.client.copy(
+                {"Bucket": self.bucket, "Key": n}, self.bucket, f"{dest}/{n[len(base):]}"))
         # manifest first: the artifact stops being "committed" before its files go
         self._retry(f"uncommitting {key}", lambda: self.client.delete_object(Bucket=self.bucket, Key=self._obj(key, MANIFEST)))
         self._delete_prefix(self._obj(key) + "/")

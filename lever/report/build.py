@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from lever.config.schema import PlanConfig
 from lever.pipeline.context import StageError, UpstreamOutput
+from lever.versioning import upgrade
 from lever.pipeline.graph import evaluated_epochs, grpo_epochs_trained
 from lever.report.bootstrap import paired_bootstrap
 from lever.report.predictions import Cell, collect
@@ -87,7 +88,9 @@ def reward_diagnostics(plan: PlanConfig, inputs: dict[str, UpstreamOutput]) -> O
     failed = 0
     records = []
     for d in up.paths():
-        for rec in read_jsonl(d / "rl_data.jsonl"):
+        for i, rec in enumerate(read_jsonl(d / "rl_data.jsonl"), 1):
+            # the same versions the trainers read: newer refused, reference-format (v0) migrated
+            rec = upgrade(rec, "rl_data", f"{d / 'rl_data.jsonl'}: record {i}")
             cands = rec.get("candidates", [])
             failed += sum(1 for c in cands if c.get("eval_failed"))
             records.append([c for c in cands if not c.get("eval_failed")])

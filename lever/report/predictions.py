@@ -7,13 +7,13 @@ out of the means and counted.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 from lever.pipeline.context import StageError
 
+#: fields of an evaluated row (a row with ``eval_failed: true`` needs only the first three)
 REQUIRED = ("question_id", "variant", "shot", "icd_ids", "accuracy")
 
 
@@ -45,23 +45,11 @@ class Cell:
 
 
 def read_predictions(path: Path) -> Iterable[dict]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise StageError(f"{path}: line {lineno}: invalid JSON ({exc})") from None
-            if not isinstance(row, dict):
-                raise StageError(f"{path}: line {lineno}: expected an object")
-            for k in REQUIRED:
-                if k not in row:
-                    raise StageError(f"{path}: line {lineno}: field '{k}' missing")
-            acc = row["accuracy"]
-            if not isinstance(acc, (int, float)) or isinstance(acc, bool) or not 0.0 <= acc <= 1.0:
-                raise StageError(f"{path}: line {lineno}: field 'accuracy' must be a number in [0, 1], got {acc!r}")
-            yield row
+    """Every row of a predictions file, or a StageError listing every problem (file, line, field):
+    the checks of ``lever validate predictions`` (:mod:`lever.validation.predictions`)."""
+    from lever.validation.predictions import read_predictions_checked
+
+    yield from read_predictions_checked(path)
 
 
 def collect(units: Iterable[tuple[object, Path]], variants: Iterable[str] | None = None) -> dict[tuple[str, int], Cell]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from lever.pipeline.context import StageError
+from lever.versioning import SchemaVersionError, upgrade
 
 SOURCES: tuple[str, ...] = ("infoscore_beam", "v2_beam", "v2_sample", "retrieval", "random")
 _QUERY_INT = ("query_id", "question_id", "image_id")
@@ -148,16 +149,17 @@ def _check_record(rec: Any, loc: _Loc, shots: Optional[int]) -> Optional[dict]:
         loc.qid = qid
     n_before = len(loc.problems)
 
-    def version() -> None:
-        sv = rec.get("schema_version", SCHEMA_VERSION)
-        if isinstance(sv, int) and not isinstance(sv, bool) and sv > SCHEMA_VERSION:
-            raise loc.fail("schema_version", f"{sv} was written by a newer Lever (this one reads "
-                                             f"{SCHEMA_VERSION}); upgrade lever to read it")
-        if sv != SCHEMA_VERSION:
-            raise loc.fail("schema_version", f"unsupported version {sv!r} (this reader knows {SCHEMA_VERSION})")
-
-    if not _each(loc, version):
-        return None  # a newer format: field checks would only add noise
+    # a newer version is refused (field checks would only add noise); version 0 (the reference
+    # project's unversioned records) is migrated to the current shape first (lever.versioning)
+    try:
+        rec = upgrade(rec, "rl_data", f"{loc.path}: line {loc.line}"
+                      + (f", query_id {loc.qid}" if loc.qid is not None else ""))
+    except SchemaVersionError as exc:
+        loc.problems.append(str(exc))
+        return None
+    qid = rec.get("query_id")
+    if isinstance(qid, int) and not isinstance(qid, bool):
+        loc.qid = qid
     pool_box: list[Optional[list[int]]] = [None]
 
     def pool() -> None:

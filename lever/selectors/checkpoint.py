@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from lever.config.schema import SelectorConfig
 from lever.pipeline.context import StageError
+from lever.versioning import upgrade
 from lever.selectors.pointer import PointerSelector
 
 SCHEMA_VERSION = 1
@@ -175,7 +176,18 @@ def save_checkpoint(
     return stem
 
 
+#: pickle-based formats: loading one can run arbitrary code, so Lever refuses them by name
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+
+
+def _refuse_pickle(path: Path | str) -> None:
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
+        raise StageError(f"{path}: refused: {Path(path).suffix} is a pickle-based format, which can run code "
+                         "when loaded; Lever reads checkpoints only as .safetensors + .json")
+
+
 def read_meta(path: Path | str) -> dict[str, Any]:
+    _refuse_pickle(path)
     stem = _stem(path)
     jpath = stem.with_suffix(".json")
     try:
@@ -186,12 +198,8 @@ def read_meta(path: Path | str) -> dict[str, Any]:
         raise StageError(f"{jpath}: line {e.lineno}: invalid JSON ({e.msg})") from None
     if not isinstance(meta, dict):
         raise StageError(f"{jpath}: expected a JSON object")
-    sv = meta.get("schema_version", SCHEMA_VERSION)
-    if isinstance(sv, int) and not isinstance(sv, bool) and sv > SCHEMA_VERSION:
-        raise StageError(f"{jpath}: field 'schema_version': {sv} was written by a newer Lever (this one reads "
-                         f"{SCHEMA_VERSION}); upgrade lever to load it")
-    if sv != SCHEMA_VERSION:
-        raise StageError(f"{jpath}: field 'schema_version': unsupported version {sv!r}")
+    # refuses a newer schema_version; migrates an unversioned (version 0) meta
+    meta = upgrade(meta, "checkpoint", str(jpath))
     for field in ("kind", "arch"):
         if field not in meta:
             raise StageError(f"{jpath}: field {field!r} missing")
@@ -206,6 +214,7 @@ def load_checkpoint(path: Path | str, *, map_location: str = "cpu") -> tuple[Poi
     Raises StageError when the meta is malformed or the tensors do not match the architecture
     the meta describes (missing/unexpected key, wrong shape), naming the file and key.
     """
+    _refuse_pickle(path)
     stem = _stem(path)
     meta = read_meta(stem)
     jpath, wpath = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
