@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from lever.pipeline.context import StageContext, StageError
 from lever.pipeline.graph import epoch_of_variant
-from lever.pipeline.store import atomic_write_bytes
+from lever.io import atomic_write_bytes
 
 PREDICTIONS = "predictions.jsonl"
 #: a unit whose LVLM calls mostly fail is broken, not noisy: refuse to commit it

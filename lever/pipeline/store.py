@@ -32,6 +32,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from lever.io import atomic_write_json as _atomic_write_json
+
 MANIFEST = "_manifest.json"
 MANIFEST_SCHEMA = 1
 _KEY_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
@@ -81,19 +83,8 @@ def iter_files(root: Path) -> Iterator[Path]:
                 yield rel
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp name in the same directory, fsync, rename: readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    _atomic_write_json(path, obj, indent=2, sort_keys=True)
 
 
 @lru_cache(maxsize=1)

@@ -7,8 +7,6 @@ disagree about what "up to date" means.  Rendering imports no torch and touches 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +17,7 @@ from lever.config import list_plans, load_plan
 from lever.config.schema import PlanConfig, PlatformConfig
 from lever.platform.cron import build_nightly_cron
 from lever.platform.workflows import Defaults, build_pipeline_template, build_plan_workflow
+from lever.io import atomic_write_text
 
 CLUSTER_PROFILE = "cluster"
 WORKFLOWS_DIR = "workflows"
@@ -91,17 +90,7 @@ def rendered_files() -> dict[str, str]:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 def write_all(workflows_dir: Path, chart_dir: Path) -> list[Path]:

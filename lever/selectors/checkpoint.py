@@ -20,20 +20,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
 
 from lever.config.schema import SelectorConfig
 from lever.pipeline.context import StageError
 from lever.versioning import upgrade
 from lever.selectors.pointer import PointerSelector
+from lever.io import atomic_write_bytes
+from lever.io import atomic_write_json as _atomic_write_json
 
 SCHEMA_VERSION = 1
 V2_PREFIX = "pointer_selector."
@@ -52,23 +53,6 @@ V2_RENAMES: tuple[tuple[str, str], ...] = (
 
 # -- atomic file helpers (shared by the training stages) -----------------------------------------
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same dir, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def json_safe(row: dict) -> dict:
     """JSON has no NaN/inf: such values become null and their keys are listed under ``nonfinite``."""
     bad = sorted(k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v))
@@ -78,23 +62,12 @@ def json_safe(row: dict) -> dict:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    _atomic_write_json(Path(path), obj, indent=2, sort_keys=True)
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    blob = save_bytes({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(Path(path), blob)
 
 
 # -- layouts ------------------------------------------------------------------------------------

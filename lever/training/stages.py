@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from lever.io import atomic_write_bytes
 from lever.pipeline.context import StageContext, StageError
 from lever.rl.curriculum import bucket_counts, phase1_indices, positive_indices, quality_buckets
 from lever.rl.data import read_rl_data, rl_data_stats
@@ -23,7 +24,7 @@ from lever.rl.rce import run_rce
 from lever.rl.trainer import EpochHook, EpochRecorder, NonFiniteError
 from lever.rl.validation import split_records
 from lever.selectors.checkpoint import (
-    atomic_write_bytes,
+
     atomic_write_json,
     load_checkpoint,
     read_meta,
