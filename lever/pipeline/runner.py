@@ -276,8 +276,7 @@ class Pipeline:
                 except StageError:
                     raise
                 except Exception as exc:
-                    errors.append((u, exc))
-                    r = UnitResult(stage_name, u.id, self.key(stage_name, u), "failed", error=repr(exc), plan=self.plan.name)
+                    r = self._failed(stage_name, u, exc, errors)
                 results.append(r)
                 if on_result:
                     on_result(r)
@@ -289,6 +288,11 @@ class Pipeline:
                 raise StageError(f"{len(errors)} unit(s) of {stage_name} failed; first ({errors[0][0].id}): {first}")
             raise RuntimeError(f"{len(errors)} unit(s) of {stage_name} failed; first ({errors[0][0].id}): {first!r}") from first
         return results
+
+    def _failed(self, stage_name: str, u: Unit, exc: BaseException, errors: list) -> UnitResult:
+        """Record a unit's failure; the stage raises for all of them after its other units ran."""
+        errors.append((u, exc))
+        return UnitResult(stage_name, u.id, self.key(stage_name, u), "failed", error=repr(exc), plan=self.plan.name)
 
     def _run_parallel(self, stage_name: str, pending: list[Unit], jobs: int, force: bool, fresh: bool,
                       errors: list, on_result: Optional[Callable[[UnitResult], None]]) -> list[UnitResult]:
@@ -307,8 +311,7 @@ class Pipeline:
                 try:
                     r = fut.result()
                 except Exception as exc:
-                    errors.append((u, exc))
-                    r = UnitResult(stage_name, u.id, self.key(stage_name, u), "failed", error=repr(exc), plan=self.plan.name)
+                    r = self._failed(stage_name, u, exc, errors)
                 results.append(r)
                 if on_result:
                     on_result(r)
