@@ -172,3 +172,41 @@ def test_cached_template_and_piecewise_tokens_equal_the_slow_path(lvlm, images):
             text = lvlm._expand(lvlm.prompt_text(prompt), lvlm.encode(prompt).images)
             assert lvlm._ids(text) == lvlm._tokenize(text)
     assert lvlm._segmented is not False
+
+
+def test_per_part_ids_equal_whole_text_tokenization(lvlm, images):
+    """encode builds a prompt's ids from cached per-part and per-text ids (no text is built);
+    past the first-prompt checks of each layout they still equal tokenizing the whole text.
+    A layout whose texts touch (text-only ICD before a text-only query) takes the whole-text
+    route."""
+    layouts = [prompt_with_images(images, n) for n in range(5)]
+    layouts.append([Example(images[0], QUESTIONS[0], "red"), Example(None, QUESTIONS[1], "3"), Example(images[2], QUESTIONS[2])])
+    for prompt in layouts:
+        for _ in range(5):
+            for answer in (None, "red", "two purple triangles", " blue"):
+                enc = lvlm.encode(prompt, answer)
+                text = lvlm._expand(lvlm._render(prompt), enc.images) + (answer or "")
+                assert enc.ids == lvlm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    plans = {layout: bool(plan) for layout, plan in lvlm._plans.items()}
+    assert plans[lvlm._layout(layouts[3])] is True  # the per-part route really ran ...
+    assert plans[lvlm._layout(layouts[0])] is False  # ... and touching texts did not take it
+
+
+def test_a_per_part_mismatch_falls_back_to_whole_text(lvlm, images):
+    """If the per-part ids ever differ from whole-text tokenization (a tokenizer that merges
+    across an added token), the layout's first-prompt check turns the route off."""
+    prompt = prompt_with_images(images, 2)
+    layout = lvlm._layout(prompt)
+    saved = dict(lvlm._plans), dict(lvlm._plan_checks)
+    try:
+        lvlm._plans[layout] = [[[999]] + part for part in lvlm._segment_plan(prompt, layout)]  # a wrong plan
+        lvlm._plan_checks[layout] = 0
+        enc = lvlm.encode(prompt, "red")
+        text = lvlm._expand(lvlm._render(prompt), enc.images) + "red"
+        assert enc.ids == lvlm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert lvlm._plans[layout] == []
+    finally:
+        lvlm._plans.clear()
+        lvlm._plans.update(saved[0])
+        lvlm._plan_checks.clear()
+        lvlm._plan_checks.update(saved[1])

@@ -24,7 +24,7 @@ def bench_scoring(
     ks: str = typer.Option("16,32,64", help="pool sizes K for the growth table"),
     shots: str = typer.Option("1,2,3,4", help="shots S for the growth table (at the reference K, B)"),
     ref: str = typer.Option("64,5,2", help="reference K,B,S of the final speedup line"),
-    repeats: int = typer.Option(3, min=1, help="rounds of two timed replays per path and query (best is kept)"),
+    repeats: int = typer.Option(5, min=1, help="rounds of two timed replays per path and query (best is kept)"),
 ) -> None:
     """InfoScore scoring, plain vs fast: agreement, throughput, ratio; ends with ``speedup: X.XX``."""
     from lever.config import load_plan

@@ -33,6 +33,7 @@ import torch
 
 from lever.models.lvlm import Encoded, QwenVLM
 from lever.models.prompting import LRU, Example
+from lever.models.vision_batch import BatchedVision
 
 
 def rope_positions(ids: Sequence[int], grids: Sequence[tuple[int, int, int]], image_token_id: int, merge: int) -> list[list[int]]:
@@ -114,6 +115,17 @@ def rope_positions_batch(
     return pos.masked_fill(~valid, 0), adv.sum(dim=1)
 
 
+def _suffix_mask(keys: torch.Tensor, n_queries: int) -> torch.Tensor:
+    """4-D boolean attention mask of a suffix pass: query i of a row (at sequence position
+    prefix length + i) sees the row's valid keys up to its own position.  ``keys`` [M, Lk] marks
+    the valid keys: the left-padded prefix, then the right-padded suffix.  A padding query (past
+    its row's end) still sees the row's valid keys, so no row of the mask is empty; its output is
+    never read."""
+    lk = keys.shape[1]
+    causal = torch.arange(lk)[None, :] <= torch.arange(lk - n_queries, lk)[:, None]
+    return keys.bool()[:, None, None, :] & causal[None, None]
+
+
 #: Token budget of one language-model pass of the fast path: rows x (padded prefix + padded fed
 #: length), per device type.  On a GPU what bounds a pass is memory: 32k token positions of
 #: Qwen2.5-VL-3B (36 layers, 2 KV heads of 128, bf16) are about 1.2 GB of key/value cache plus
@@ -139,6 +151,7 @@ class FastScorer:
         self.max_tokens = max_tokens or default_max_tokens(lvlm.device)
         self.vision_start_id = int(lvlm.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
         self._features = LRU(maxsize=16384)
+        self._vision = BatchedVision.for_model(self.model.model.visual)
         self.forwards = 0  # language-model passes
         self.vision_forwards = 0
 
@@ -261,27 +274,23 @@ class FastScorer:
                 if im.key is None or im.key not in self._features:
                     need.append(im)
         local: dict[int, torch.Tensor] = {}
-        # vision passes over every image not seen yet, in order of first use, within the budget
-        # (in patches: the vision tower attends within each image, so passes are independent)
-        chunks: list[list[Any]] = []
-        patches = 0
+        # images of one grid go through the batched tower together, in order of first use, in
+        # passes within the budget (in patches: the tower attends within each image)
+        by_grid: dict[tuple[int, int, int], list[Any]] = {}
         for im in need:
-            n = im.pixel_values.shape[0]
-            if not chunks or patches + n > 4 * self.max_tokens:
-                chunks.append([])
-                patches = 0
-            chunks[-1].append(im)
-            patches += n
-        for chunk in chunks:
-            pv = torch.cat([im.pixel_values for im in chunk]).to(self.lvlm.device, self.lvlm.dtype)
-            grid = torch.stack([im.grid_thw for im in chunk]).to(self.lvlm.device)
-            feats = self.model.model.get_image_features(pv, grid, return_dict=True).pooler_output
-            self.vision_forwards += 1
-            for im, feat in zip(chunk, feats):
-                if im.key is None:
-                    local[id(im)] = feat
-                else:
-                    self._features[im.key] = feat
+            by_grid.setdefault(im.grid, []).append(im)
+        for grid, ims in by_grid.items():
+            per = max(1, (4 * self.max_tokens) // max(1, ims[0].pixel_values.shape[0]))
+            for s in range(0, len(ims), per):
+                chunk = ims[s:s + per]
+                pv = torch.cat([im.pixel_values for im in chunk]).to(self.lvlm.device, self.lvlm.dtype)
+                feats = self._vision(pv, grid, len(chunk))
+                self.vision_forwards += 1
+                for im, feat in zip(chunk, feats):
+                    if im.key is None:
+                        local[id(im)] = feat
+                    else:
+                        self._features[im.key] = feat
         out: dict[int, torch.Tensor] = {}
         for i in idx:
             for im in encoded[i].images:
@@ -309,16 +318,7 @@ class FastScorer:
             raise AssertionError("prefix boundary cuts an image")
         return n
 
-    def _grids(self, images: Sequence[Any], memo: dict[int, tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-        out = []
-        for im in images:
-            g = memo.get(id(im))
-            if g is None:
-                g = memo[id(im)] = tuple(int(x) for x in im.grid_thw.tolist())
-            out.append(g)
-        return out
-
-    def _prefix_cache(self, encoded: list[Encoded], groups: list[tuple[int, list[int]]], feats, memo):
+    def _prefix_cache(self, encoded: list[Encoded], groups: list[tuple[int, list[int]]], feats):
         """One left-padded pass over the groups' prefixes.
 
         Returns (cache with a row per group or None, prefix mask [G, Lp], next rotary position
@@ -335,7 +335,7 @@ class FastScorer:
         pids = torch.tensor(rows, dtype=torch.long)
         pmask = (torch.arange(Lp) >= torch.tensor([Lp - plen for plen, _ in groups])[:, None]).long()
         imgs = [encoded[m[0]].images[:n] for (_, m), n in zip(groups, n_pre)]
-        ppos, nxt = rope_positions_batch(pids, pmask, [self._grids(x, memo) for x in imgs],
+        ppos, nxt = rope_positions_batch(pids, pmask, [[im.grid for im in x] for x in imgs],
                                          self.lvlm.image_token_id, self.lvlm.merge)
         dev = self.lvlm.device
         cache = DynamicCache(config=self.model.config.text_config)
@@ -372,8 +372,7 @@ class FastScorer:
             groups = [(0, [i for _, i in members])]
             members = [(0, i) for _, i in members]
         feats = self._image_features(encoded, [i for _, i in members])
-        memo: dict[int, tuple[int, int, int]] = {}
-        cache, pmask, pnext, n_pre = self._prefix_cache(encoded, groups, feats, memo)
+        cache, pmask, pnext, n_pre = self._prefix_cache(encoded, groups, feats)
         Lp = pmask.shape[1]
         # the fed part of a row: everything after its prefix but the last answer token (no
         # logit is needed after it)
@@ -382,10 +381,26 @@ class FastScorer:
         for chunk in self._budget_chunks(members, lambda m: Lp + fed[m[1]]):
             rows = torch.tensor([g for g, _ in chunk])
             sub = None if cache is None else self._select(cache, rows.to(self.lvlm.device))
-            yield from self._run_suffixes(encoded, groups, chunk, feats, memo, sub, pmask[rows],
+            yield from self._run_suffixes(encoded, groups, chunk, feats, sub, pmask[rows],
                                           pnext[rows], n_pre)
 
-    def _run_suffixes(self, encoded, groups, members, feats, memo, cache, pmask, pnext, n_pre):
+    def _decoder(self, embeds: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+        """The text model on a suffix pass; ``keys`` [rows, prefix + suffix] marks valid keys.
+
+        The model accepts a prepared 4-D mask for its full-attention layers (as ``generate``
+        passes one); building it here from what the pass already knows is cheaper than having
+        the model derive it from the 2-D mask and the cache on every pass.  A model with
+        sliding-window layers gets the 2-D mask and builds its own."""
+        lm = self.model.model.language_model
+        dev = self.lvlm.device
+        if getattr(lm, "has_sliding_layers", False):
+            mask: Any = keys.to(dev)
+        else:
+            mask = {"full_attention": _suffix_mask(keys, embeds.shape[1]).to(dev)}
+        return lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
+                  use_cache=cache is not None).last_hidden_state
+
+    def _run_suffixes(self, encoded, groups, members, feats, cache, pmask, pnext, n_pre):
         """One right-padded pass over the members' suffixes on top of their prefix rows; the
         mean log-prob of each member's answer tokens."""
         dev = self.lvlm.device
@@ -403,15 +418,13 @@ class FastScorer:
         sids[valid] = torch.tensor(flat, dtype=torch.long)  # row-major: each row's tokens in order
         smask = valid.long()
         imgs = [encoded[i].images[n_pre[g]:] for g, i in members]
-        rel, _ = rope_positions_batch(sids, smask, [self._grids(x, memo) for x in imgs],
+        rel, _ = rope_positions_batch(sids, smask, [[im.grid for im in x] for x in imgs],
                                       self.lvlm.image_token_id, self.lvlm.merge)
         spos = (rel + pnext[None, :, None]) * smask  # the full sequence's positions
-        mask = torch.cat([pmask, smask], dim=1) if cache is not None else smask
+        keys = torch.cat([pmask, smask], dim=1) if cache is not None else smask
         sids = sids.to(dev)
-        hidden = self.model.model.language_model(
-            inputs_embeds=self._embed(sids, [feats[id(im)] for x in imgs for im in x]),
-            attention_mask=mask.to(dev), position_ids=spos.to(dev), cache=cache,
-            use_cache=cache is not None).last_hidden_state
+        hidden = self._decoder(self._embed(sids, [feats[id(im)] for x in imgs for im in x]), keys,
+                               spos.to(dev), cache)
         self.forwards += 1
         self.lvlm.calls += 1  # telemetry counts LVLM passes of either path
         # the hidden states that predict the answer tokens, for every row at once

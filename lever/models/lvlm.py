@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -85,6 +87,11 @@ class ProcessedImage:
     pixel_values: torch.Tensor  # [n_patches, C*T*P*P]
     grid_thw: torch.Tensor  # [3]
     n_tokens: int  # LLM placeholder tokens after spatial merging
+    grid: tuple[int, int, int] = field(init=False)  # grid_thw as ints, read for every scored prompt
+
+    def __post_init__(self) -> None:
+        t, h, w = (int(x) for x in self.grid_thw.tolist())
+        self.grid = (t, h, w)
 
 
 @dataclass
@@ -125,7 +132,10 @@ class QwenVLM:
         self._segment_checks = 0
         self._skeletons = LRU(maxsize=256)
         self._skeleton_checks: dict[tuple, int] = {}
+        self._plans: dict[tuple, list[list[int]]] = {}
+        self._plan_checks: dict[tuple, int] = {}
         self._images = LRU(maxsize=8192)
+        self._by_path = LRU(maxsize=8192)
         self._prompt_ids = LRU(maxsize=4096)
         self.calls = 0  # forward passes, for telemetry
 
@@ -136,19 +146,16 @@ class QwenVLM:
             prompt_messages(prompt), tokenize=False, add_generation_prompt=True
         )
 
-    def prompt_text(self, prompt: Sequence[Example]) -> str:
-        """The chat-templated prompt (one user turn, generation prompt), image pads unexpanded.
+    @staticmethod
+    def _layout(prompt: Sequence[Example]) -> tuple:
+        return tuple(ex.image is not None for ex in prompt) + (prompt[-1].answer is None,)
 
-        Rendering a Jinja template per scored prompt is a visible cost, so the template is
-        rendered once per layout (which examples have images) with sentinel texts, and the
-        texts are spliced in; the first prompts of each layout are checked against a full render.
-        """
-        from lever.models.prompting import example_text
+    def _skeleton(self, prompt: Sequence[Example]) -> list[str]:
+        """The template of the prompt's layout (which examples have images), rendered once with
+        sentinel texts and split around them: [part, "k", part, "k", ..., part]; [] if the
+        sentinels did not survive rendering."""
 
-        layout = tuple(ex.image is not None for ex in prompt) + (prompt[-1].answer is None,)
-        texts = [example_text(ex) for ex in prompt]
-
-        def skeleton() -> list[str]:
+        def render() -> list[str]:
             content: list[dict[str, Any]] = []
             for k, ex in enumerate(prompt):
                 if ex.image is not None:
@@ -160,9 +167,22 @@ class QwenVLM:
             parts = rendered.split("\x00")
             return parts if len(parts) == 2 * len(prompt) + 1 else []
 
-        parts = self._skeletons.get_or(layout, skeleton)
+        return self._skeletons.get_or(self._layout(prompt), render)
+
+    def prompt_text(self, prompt: Sequence[Example]) -> str:
+        """The chat-templated prompt (one user turn, generation prompt), image pads unexpanded.
+
+        Rendering a Jinja template per scored prompt is a visible cost, so the template is
+        rendered once per layout (which examples have images) with sentinel texts, and the
+        texts are spliced in; the first prompts of each layout are checked against a full render.
+        """
+        from lever.models.prompting import example_text
+
+        layout = self._layout(prompt)
+        parts = self._skeleton(prompt)
         if not parts:
             return self._render(prompt)
+        texts = [example_text(ex) for ex in prompt]
         out = [parts[0]]
         for k in range(len(prompt)):
             out.append(texts[int(parts[2 * k + 1])])
@@ -176,7 +196,76 @@ class QwenVLM:
                 return self._render(prompt)
         return text
 
+    def _segment_plan(self, prompt: Sequence[Example], layout: tuple) -> Optional[list[list[Optional[list[int]]]]]:
+        """Token ids of the layout's template parts, when the prompt's ids are those parts' ids
+        and its texts' ids laid end to end: every part that sits between two texts starts and
+        ends with an added token, where the tokenizer splits the text anyway.  Each part is a
+        list of runs: a list of ids, or None where an image's pads go.  None when that does not
+        hold (then ``encode`` tokenizes the whole text)."""
+        plan = self._plans.get(layout)
+        if plan is None:
+            parts = self._skeleton(prompt)
+            ok = bool(parts) and self._segmented is not False
+            tmpl = parts[0::2] if ok else []
+            order = [int(x) for x in parts[1::2]] if ok else []
+            added = tuple(self._added)
+            for k, part in enumerate(tmpl):
+                starts = k == 0 or part.startswith(added)
+                ends = k == len(tmpl) - 1 or part.endswith(added)
+                ok = ok and starts and ends
+            plan = []
+            if ok and order == list(range(len(prompt))):
+                for part in tmpl:
+                    runs: list[Optional[list[int]]] = [[]]
+                    for t in self._tokenize(part):
+                        if t == self.image_token_id:
+                            runs += [None, []]
+                        else:
+                            runs[-1].append(t)  # type: ignore[union-attr]
+                    plan.append(runs)
+            self._plans[layout] = plan
+        return plan or None
+
+    def _prompt_ids_of(self, prompt: Sequence[Example], images: list[ProcessedImage]) -> Optional[list[int]]:
+        """The prompt's token ids from cached per-part and per-text ids, without building and
+        re-tokenizing its text (which, with hundreds of image pads per image, is most of the
+        cost of encoding a prompt); None when the layout does not allow it.  The first prompts
+        of each layout are checked against whole-text tokenization."""
+        from lever.models.prompting import example_text
+
+        layout = self._layout(prompt)
+        plan = self._segment_plan(prompt, layout)
+        if plan is None:
+            return None
+        ids: list[int] = []
+        img = 0
+        for k, part in enumerate(plan):
+            for run in part:
+                if run is None:
+                    ids.extend([self.image_token_id] * images[img].n_tokens)
+                    img += 1
+                else:
+                    ids.extend(run)
+            if k < len(prompt):
+                text = example_text(prompt[k])
+                ids.extend(self._pieces.get_or(text, lambda: self._tokenize(text)))
+        checks = self._plan_checks.get(layout, 0)
+        if checks < 3:
+            self._plan_checks[layout] = checks + 1
+            text = self._expand(self.prompt_text(prompt), images)
+            if img != len(images) or ids != self._tokenize(text):
+                log.warning("per-part tokenization differs from whole-text tokenization for layout %s; disabled", layout)
+                self._plans[layout] = []
+                return None
+        return ids
+
     def process_image(self, image: Any) -> ProcessedImage:
+        if isinstance(image, (str, Path)):
+            # an absolute path names the same file whatever the working directory: skip
+            # resolving it again (this runs for every image of every scored prompt)
+            hit = self._by_path.get(image)
+            if hit is not None:
+                return hit
         key = image_key(image)
 
         def make() -> ProcessedImage:
@@ -184,7 +273,10 @@ class QwenVLM:
             grid = out["image_grid_thw"][0]
             return ProcessedImage(key, out["pixel_values"], grid, int(grid.prod().item()) // (self.merge**2))
 
-        return self._images.get_or(key, make)
+        out = self._images.get_or(key, make)
+        if key is not None and os.path.isabs(image):
+            self._by_path[image] = out
+        return out
 
     def _expand(self, text: str, images: list[ProcessedImage]) -> str:
         parts = text.split(self.image_token)
@@ -235,34 +327,42 @@ class QwenVLM:
         boundary), the answer is tokenized alone and appended so the span stays exact.
         """
         images = [self.process_image(ex.image) for ex in prompt if ex.image is not None]
-        text = self._expand(self.prompt_text(prompt), images)
-        prompt_ids = self._prompt_ids.get_or(text, lambda: self._ids(text))
+        prompt_ids = self._prompt_ids_of(prompt, images)
+        text: Optional[str] = None
+        if prompt_ids is None:
+            text = self._expand(self.prompt_text(prompt), images)
+            prompt_ids = self._prompt_ids.get_or(text, lambda: self._ids(text))
         if answer is None:
             return Encoded(list(prompt_ids), len(prompt_ids), images)
         if not answer:
             raise ValueError("cannot score an empty answer")
         n = len(prompt_ids)
-        full = self._tokenize_with_answer(text, prompt_ids, answer)
+        full = self._tokenize_with_answer(prompt, text, images, prompt_ids, answer)
         if len(full) <= n or full[:n] != prompt_ids:
             full = list(prompt_ids) + self._tokenize(answer)
         return Encoded(full, n, images)
 
-    def _tokenize_with_answer(self, text: str, prompt_ids: list[int], answer: str) -> list[int]:
-        """ids of ``text + answer``, re-tokenizing only the last turn.
+    def _tokenize_with_answer(self, prompt: Sequence[Example], text: Optional[str], images: list[ProcessedImage],
+                              prompt_ids: list[int], answer: str) -> list[int]:
+        """ids of the prompt's text + ``answer``, re-tokenizing only the last turn.
 
         Added special tokens split the text before the tokenizer model runs, so everything
         before the assistant turn's ``<|im_start|>`` tokenizes the same with or without the
-        answer; only the tail from that token on needs tokenizing again.  (Falls back to the
-        whole text if the prompt's ids do not end with that tail's ids.)
+        answer; only the tail from that token on needs tokenizing again.  The tail lies in the
+        layout's last template part, so the prompt's text is only built when that fails (then
+        the whole text + answer is tokenized).
         """
-        cut = text.rfind(self.turn_start)
+        last = self._skeleton(prompt)[-1:] if text is None else [text]
+        cut = last[0].rfind(self.turn_start) if last else -1
         if cut >= 0:
-            tail = text[cut:]
-            tail_ids = self._prompt_ids.get_or(("tail", tail), lambda: self._tokenize(tail))
+            tail = last[0][cut:]
+            tail_ids = self._pieces.get_or(("tail", tail), lambda: self._tokenize(tail))
             k = len(tail_ids)
             if 0 < k <= len(prompt_ids) and prompt_ids[-k:] == tail_ids:
-                with_answer = self._prompt_ids.get_or(("tail", tail + answer), lambda: self._tokenize(tail + answer))
+                with_answer = self._pieces.get_or(("tail", tail + answer), lambda: self._tokenize(tail + answer))
                 return list(prompt_ids[:-k]) + list(with_answer)
+        if text is None:
+            text = self._expand(self.prompt_text(prompt), images)
         return self._tokenize(text + answer)
 
     # ------------------------------------------------------------------ batching

@@ -143,7 +143,7 @@ def run_scoring_bench(
     n_train: int = 96,
     image_size: int = 56,
     seed: int = 0,
-    repeats: int = 3,
+    repeats: int = 5,
     fast_batch: Optional[int] = None,
     echo: Callable[[str], None] = print,
 ) -> list[BenchResult]:
