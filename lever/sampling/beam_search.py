@@ -34,6 +34,12 @@ def plain_scorer(lvlm: LVLM) -> Scorer:
     return lambda prompts, answers: answer_prob(lvlm, prompts, answers)
 
 
+def _top(cands: list[Beam], k: int) -> list[Beam]:
+    """The k best by summed score; ties by positions, so float noise in equal scores cannot
+    reorder them."""
+    return sorted(cands, key=lambda x: (-x.score, x.positions))[:k]
+
+
 def infoscore_beam_search(
     scorer: Scorer,
     query: Example,
@@ -54,17 +60,15 @@ def infoscore_beam_search(
         raise ValueError(f"cannot pick {shots} distinct ICDs from a pool of {len(pool)}")
     if beam_size < 1 or shots < 1:
         raise ValueError("beam_size and shots must be >= 1")
-    p0 = scorer([[query]], [answer])[0]
-    beams: list[Beam] = [Beam((), 0.0, p0)]
-    for _ in range(shots):
+    # the zero-shot P(y | x) rides along with the first step's scorings (one call, one batch)
+    first = [[pool[c], query] for c in range(len(pool))]
+    p0, *probs = scorer([[query]] + first, [answer] * (len(first) + 1))
+    beams = _top([Beam((c,), p - p0, p) for c, p in enumerate(probs)], beam_size)
+    for _ in range(shots - 1):
         ext: list[tuple[Beam, int]] = [(b, c) for b in beams for c in range(len(pool)) if c not in b.positions]
         prompts = [[pool[p] for p in b.positions] + [pool[c], query] for b, c in ext]
         probs = scorer(prompts, [answer] * len(prompts))
-        cands = [
-            Beam(b.positions + (c,), b.score + (p - b.prob), p) for (b, c), p in zip(ext, probs)
-        ]
-        cands.sort(key=lambda x: (-x.score, x.positions))
-        beams = cands[:beam_size]
+        beams = _top([Beam(b.positions + (c,), b.score + (p - b.prob), p) for (b, c), p in zip(ext, probs)], beam_size)
     return beams, p0
 
 
