@@ -7,7 +7,8 @@ candidate; on a model as small as the tiny one, per-token Python work (3-D rotar
 image splicing) is the next cost.  This path
 
 1. encodes each image once and keeps its vision features (keyed by the image path; callers
-   ``reset()`` per query so results never depend on what an earlier query cached);
+   ``reset()`` per query so results never depend on what an earlier query cached), same-grid
+   images together through the batched tower of ``lever.models.vision_batch``;
 2. groups the (prompt, answer) pairs of a call by shared token prefix -- the whole prompt when it
    is scored with several answers (gt_prob), else everything before the last ICD (the beam's
    ICDs in a beam step: prompt order puts earlier picks first, see ``lever.models.prompting``),
@@ -17,7 +18,8 @@ image splicing) is the next cost.  This path
    (``DEFAULT_MAX_TOKENS``), on top of the selected rows of the prefix key/value cache;
 4. computes 3-D rotary positions for whole padded batches with tensor ops
    (``rope_positions_batch``): a suffix's positions are its own plus the prefix's next position;
-5. sends only the hidden states of answer positions through the LM head.
+5. sends only the hidden states of answer positions through the LM head;
+6. hands the model each suffix pass's 4-D attention mask, built from what the pass knows.
 
 Results agree with the plain path within float noise (tests assert 1e-4 in fp32; in practice
 ~1e-6).  On a GPU the same code runs in bf16 with SDPA attention (the model's own
