@@ -123,3 +123,52 @@ def test_missing_epoch_checkpoint_is_a_stage_error_naming_it(store_with_grpo, mo
     with pytest.raises(StageError, match=r"grpo_epoch2 missing .*epochs \[1, 3\]"):
         pipe.run_unit("infer", _unit(pipe, "epoch2"))
     assert lvlm.calls == 0 and pipe.status("infer", _unit(pipe, "epoch2")) == "missing"
+
+
+@pytest.fixture(scope="module")
+def store_with_stopped_grpo(tmp_path_factory):
+    """A train-grpo artifact whose guard stopped training after epoch 1 (stopped.json), so it
+    holds grpo_epoch1 only."""
+    from lever.models.embeddings import load_embeddings
+    from lever.selectors.checkpoint import save_checkpoint
+    from lever.selectors.pointer import build_selector
+
+    store = LocalStore(tmp_path_factory.mktemp("stopped") / "store")
+    plan = load_plan("plan1", "tiny", SMALL)
+    pipe = Pipeline(plan, store)
+    for name in ("prepare-data", "export-embeddings"):
+        pipe.run_stage(name)
+    emb = load_embeddings(store.open(pipe.key("export-embeddings", pipe.select_units("export-embeddings")[0])))
+    key = pipe.key("train-grpo", pipe.select_units("train-grpo")[0])
+    with store.staging(key) as st:
+        save_checkpoint(st.path / "grpo_epoch1", build_selector(emb.train_query.shape[1], plan.selector, seed=1),
+                        plan=plan.name, epoch=1, phase="grpo")
+        (st.path / "metrics.jsonl").write_text("")
+        (st.path / "stopped.json").write_text(json.dumps({"phase": "grpo", "epoch": 1, "reason": "KL above 5: kl_exact=17"}))
+        store.commit(key, {"stage": "train-grpo"})
+    return store, plan
+
+
+def test_an_epoch_the_guard_kept_from_training_is_recorded_not_failed(store_with_stopped_grpo, monkeypatch):
+    """The divergence guard stopping GRPO before a listed epoch is an outcome: the epoch unit
+    commits an empty predictions file and skipped.json with the reason, without LVLM work, and
+    the report reader sees the cell as skipped.  A listed epoch missing *without* a stop stays a
+    StageError (test above)."""
+    from lever.report.predictions import collect
+
+    store, plan = store_with_stopped_grpo
+    pipe = Pipeline(plan, store)
+    lvlm = ScriptedLVLM()
+    monkeypatch.setattr(lvlm_mod, "build_lvlm", lambda cfg: lvlm)
+    r = pipe.run_unit("infer", _unit(pipe, "epoch2"))
+    assert r.status == "built" and lvlm.calls == 0
+    d = store.open(r.key)
+    assert (d / "predictions.jsonl").read_text() == ""
+    why = json.loads((d / "skipped.json").read_text())["reason"]
+    assert "stopped after grpo epoch 1" in why and "kl_exact=17" in why
+    cell = collect([(_unit(pipe, "epoch2"), d)])[("epoch2", 1)]
+    assert cell.skipped == why and cell.n == 0
+    # the epoch that was trained is evaluated as usual
+    r1 = pipe.run_unit("infer", _unit(pipe, "epoch1"))
+    assert r1.status == "built" and not (store.open(r1.key) / "skipped.json").exists()
+    assert len((store.open(r1.key) / "predictions.jsonl").read_text().splitlines()) == 8

@@ -123,7 +123,7 @@ def test_epoch_rows_match_their_predictions(built):
     rep = json.loads((report_dir / "report.json").read_text())
     assert list(rep["accuracy"]) == ["plan", "baseline", "epoch1", "epoch2", "epoch3", "random", "retrieval"]
     assert rep["epoch_checkpoints"] == {"requested": [1, 2, 3], "evaluated": [1, 2, 3], "not_trained": [],
-                                        "grpo_epochs": 3, "rows": ["epoch1", "epoch2", "epoch3"]}
+                                        "stopped": {}, "grpo_epochs": 3, "rows": ["epoch1", "epoch2", "epoch3"]}
     for e in (1, 2, 3):
         accs = []
         for shot in (1, 2, 3):
@@ -201,3 +201,23 @@ def test_partial_report_rewritten_for_same_run_id(built):
     second = pipe.run_partial("summarize")
     after = json.loads((store.open(second.key) / "report.json").read_text())
     assert second.key == first.key and before["checkpoint"] is None and after["checkpoint"]["checkpoint"] == "grpo_epoch2"
+
+
+def test_a_guard_stop_before_a_listed_epoch_is_reported_not_failed(tmp_path):
+    """The real tiny pipeline (no fakes): plan1 lists GRPO epochs 1..3 for evaluation, and a guard
+    with a KL limit of 1e-6 stops GRPO after epoch 2.  The run still finishes with a full report
+    that names the unevaluated epoch 3 and why."""
+    from lever.pipeline.runner import run_plan
+
+    over = ["infer.num_samples=8", "infer.shards=1", "infer.shots=[1,2]", "alerts.guard=stop", "alerts.kl_max=0.000001"]
+    plan = load_plan("plan1", "tiny", over)
+    base = load_baseline(plan, "tiny", over)
+    summary = run_plan(plan, LocalStore(tmp_path / "store"), baseline=base, jobs=1)
+    rep = json.loads((Path(summary.report).parent / "report.json").read_text())
+    ep = rep["epoch_checkpoints"]
+    assert not rep["partial"] and ep["requested"] == [1, 2, 3]
+    assert set(ep["stopped"]) == {"3"} and "KL above 1e-06" in ep["stopped"]["3"]
+    assert ep["evaluated"] == [1, 2] and ep["not_trained"] == [] and "epoch3" not in rep["accuracy"]
+    assert rep["accuracy"]["epoch2"]["1"] is not None
+    md = (Path(summary.report).parent / "report.md").read_text()
+    assert "Not evaluated: epoch 3, never trained (train-grpo stopped after grpo epoch 2" in md

@@ -20,9 +20,11 @@ from typing import Any, Optional
 
 from lever.pipeline.context import StageContext, StageError
 from lever.pipeline.graph import epoch_of_variant
-from lever.io import atomic_write_bytes
+from lever.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 PREDICTIONS = "predictions.jsonl"
+#: written, with an empty predictions file, by an epoch unit whose epoch the guard kept from training
+SKIPPED = "skipped.json"
 #: a unit whose LVLM calls mostly fail is broken, not noisy: refuse to commit it
 MAX_FAILED_SHARE = 0.5
 
@@ -81,6 +83,22 @@ def _epoch_stem(ctx: StageContext, epoch: int) -> Path:
     return stem
 
 
+def _epoch_stopped(ctx: StageContext, epoch: int) -> Optional[str]:
+    """Why GRPO epoch ``epoch`` was never trained, when the divergence guard stopped train-grpo
+    before it (``stopped.json``) -- an outcome the report shows, not a failure; None otherwise
+    (a checkpoint missing without a stop is still a StageError)."""
+    from lever.training.checkpoints import stopped_info
+
+    d = ctx.input("train-grpo").path
+    stem = d / f"grpo_epoch{epoch}"
+    if stem.with_suffix(".json").exists() and stem.with_suffix(".safetensors").exists():
+        return None
+    stop = stopped_info(d)
+    if not stop:
+        return None
+    return f"train-grpo stopped after {stop.get('phase', 'grpo')} epoch {stop.get('epoch')}: {stop.get('reason', '')}"
+
+
 def _load_selector(ctx: StageContext, variant: str) -> Any:
     from lever.selectors.checkpoint import load_checkpoint
 
@@ -128,6 +146,12 @@ def infer(ctx: StageContext) -> None:
 
     epoch = epoch_of_variant(variant)
     if epoch is not None:
+        why = _epoch_stopped(ctx, epoch)
+        if why is not None:
+            ctx.log.warning("infer %s shot %d: not evaluated, %s", variant, shot, why)
+            atomic_write_text(ctx.out / PREDICTIONS, "")
+            atomic_write_json(ctx.out / SKIPPED, {"variant": variant, "shot": shot, "reason": why}, indent=2)
+            return
         _epoch_stem(ctx, epoch)  # a missing epoch fails before any LVLM work
     out = ctx.out / PREDICTIONS
     done = read_done(out)

@@ -197,8 +197,15 @@ def build_report(plan: PlanConfig, baseline: Optional[PlanConfig], inputs: dict[
     if baseline is not None:
         rows["baseline"] = {s: base_cells.get(("selector", s)) for s in shots}
     epochs = evaluated_epochs(plan)
+    stopped: dict[str, str] = {}  # epochs the divergence guard kept from training: shown, not failed
     for e in epochs:  # GRPO epoch checkpoints evaluated beside the chosen one (checkpoint.evaluate_epochs)
-        rows[f"epoch{e}"] = {s: cells.get((f"epoch{e}", s)) for s in shots}
+        row = {s: cells.get((f"epoch{e}", s)) for s in shots}
+        why = next((c.skipped for c in row.values() if c is not None and c.skipped), "")
+        if why:
+            stopped[str(e)] = why
+        else:
+            rows[f"epoch{e}"] = row
+    epochs = [e for e in epochs if str(e) not in stopped]
     for v in refs:
         rows[v] = {s: cells.get((v, s)) for s in shots}
 
@@ -273,7 +280,8 @@ def build_report(plan: PlanConfig, baseline: Optional[PlanConfig], inputs: dict[
         "epoch_checkpoints": {
             "requested": sorted(plan.checkpoint.evaluate_epochs),
             "evaluated": epochs,
-            "not_trained": sorted(set(plan.checkpoint.evaluate_epochs) - set(epochs)),
+            "not_trained": sorted(set(plan.checkpoint.evaluate_epochs) - set(epochs) - {int(e) for e in stopped}),
+            "stopped": stopped,
             "grpo_epochs": grpo_epochs_trained(plan),
             "rows": [f"epoch{e}" for e in epochs],
         },

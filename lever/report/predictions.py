@@ -7,6 +7,7 @@ out of the means and counted.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -27,6 +28,7 @@ class Cell:
     failed: int = 0
     shards: int = 0
     shards_expected: int = 0
+    skipped: str = ""  # why the cell was not evaluated (its GRPO epoch was never trained)
 
     @property
     def n(self) -> int:
@@ -64,6 +66,9 @@ def collect(units: Iterable[tuple[object, Path]], variants: Iterable[str] | None
         cell.shards += 1
         cell.shards_expected = int(unit.get("of") or 1)
         path = Path(d) / "predictions.jsonl"
+        skipped = Path(d) / "skipped.json"
+        if skipped.exists():
+            cell.skipped = str(json.loads(skipped.read_text(encoding="utf-8")).get("reason") or "not evaluated")
         if not path.exists():
             raise StageError(f"{path}: predictions file missing from a committed infer artifact")
         for row in read_predictions(path):

@@ -107,6 +107,9 @@ def render_markdown(rep: dict[str, Any], plots: list[str]) -> str:
             L.append("")
             L.append(f"Not evaluated: epoch(s) {', '.join(map(str, ep['not_trained']))} (the plan trains "
                      f"{ep.get('grpo_epochs')} GRPO epoch(s)).")
+        for e, why in sorted((ep.get("stopped") or {}).items(), key=lambda kv: int(kv[0])):
+            L.append("")
+            L.append(f"Not evaluated: epoch {e}, never trained ({why}).")
     L.append("")
     L.append("## Training curves")
     L.append("")
