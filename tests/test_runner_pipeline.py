@@ -137,3 +137,25 @@ def test_unit_selection(tmp_path):
         pipe.select_units("infer", filters={"colour": "red"})
     assert stage_closure(["train-rce"]) == ["prepare-data", "export-embeddings", "generate-beams", "train-v2",
                                             "generate-rl-data", "train-rce"]
+
+
+def test_a_stage_version_bump_rebuilds_that_stage_and_after(tmp_path, fake_log):
+    """A code change that alters a stage's output bumps ``Stage.version``: the old artifacts of
+    that stage and of every stage reading it are no longer found, the ones upstream still are."""
+    from dataclasses import replace
+
+    from lever.pipeline.hashing import plan_keys
+
+    store = LocalStore(tmp_path / "store")
+    plan, base = _plans("plan1")
+    stages = fake_stages()
+    run_plan(plan, store, baseline=base, stages=stages, jobs=1)
+    n0 = len(read_log(fake_log))
+    bumped = tuple(replace(st, version=2) if st.name == "generate-rl-data" else st for st in stages)
+    k1, k2 = plan_keys(plan, stages), plan_keys(plan, bumped)
+    same = {n for n in k1.stage_hash if k1.stage_hash[n] == k2.stage_hash[n]}
+    assert same == {"prepare-data", "export-embeddings", "generate-beams", "train-v2"}
+    run_plan(plan, store, baseline=base, stages=bumped, jobs=1)
+    rerun = {c[1] for c in read_log(fake_log)[n0:]}
+    assert "generate-rl-data" in rerun and "train-rce" in rerun and "train-grpo" in rerun
+    assert not rerun & {"prepare-data", "export-embeddings", "generate-beams", "train-v2"}

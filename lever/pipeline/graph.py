@@ -53,6 +53,12 @@ class Stage:
     # the stage also reads the baseline plan's outputs of its inputs (summarize): their hashes
     # join its key and the runner fills ``ctx.baseline_inputs``
     with_baseline: bool = False
+    # the stage's code version: bump it when a code change alters what the stage writes for the
+    # same config and inputs (a fixed reward formula, a new output field), so that cached
+    # artifacts of the old code are rebuilt -- with everything downstream, whose keys include
+    # this stage's hash -- instead of being reused.  Edits that keep the output (speed,
+    # refactoring, messages) keep the version and the cache.
+    version: int = 1
 
     def load(self) -> Callable[..., None]:
         module, _, attr = self.func.partition(":")

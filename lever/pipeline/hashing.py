@@ -7,7 +7,8 @@ and the cache check all agree without touching the store.  The key of a unit is 
 * the config fields its stage depends on (``Stage.config_fields`` in ``graph.py``),
 * the *stage hashes* of the upstream stages this unit really reads (``Stage.inputs_for``),
 * the unit's own parameters (shard, shot, variant, ...),
-* for stages with ``with_baseline`` (summarize): the baseline plan's stage hashes.
+* for stages with ``with_baseline`` (summarize): the baseline plan's stage hashes,
+* the stage's code version (``Stage.version``) once it is bumped past 1.
 
 A stage hash (what a downstream stage depends on) is the hash of all its unit hashes.  Nothing
 plan-specific leaks in unless the stage asks for it, so two plans differing only in GRPO settings
@@ -84,6 +85,8 @@ def plan_keys(
                 "unit": [[k, v] for k, v in unit.params],
                 "inputs": inputs,
             }
+            if st.version != 1:  # version 1 adds nothing, so keys from before versions existed stay valid
+                extra["version"] = st.version
             if getattr(st, "with_baseline", False):
                 extra["baseline"] = (
                     {n: baseline_keys.stage_hash.get(n) for n in st.inputs} if baseline_keys is not None else None
