@@ -171,3 +171,24 @@ def test_bf16_path_runs_and_agrees_within_bf16_noise():
     got = FastScorer(lvlm).answer_logprob(prompts, [y] * len(prompts))
     ref = lvlm.answer_logprob(prompts, [y] * len(prompts))
     assert max(abs(a - b) for a, b in zip(got, ref)) < 5e-2
+
+
+def test_generate_and_score_reads_each_prompt_once_and_equals_the_separate_calls(setup):
+    """RL data's one-pass path: the generations are the plain path's, and the answers scored on
+    the generation's own key/value cache equal ``answer_logprob``; prompts of different lengths
+    (left padding), several generation batches, a text-only prompt, 1-3 answers per prompt."""
+    lvlm, q, y, pool = setup
+    prompts = [[pool[c], pool[c + 1], q] for c in range(5)] + [[q], [pool[7], q], [Example(None, "How many?", "2"), Example(None, q.question)]]
+    answers = [[y, "2"]] * 5 + [["red"], [y, "two purple triangles", "3"], ["2"]]
+    old_batch = lvlm.batch_size
+    lvlm.batch_size = 3  # three generation batches
+    try:
+        fast = FastScorer(lvlm)
+        texts, lps = fast.generate_and_score(prompts, answers, 3)
+        assert texts == lvlm.generate(prompts, 3)
+        for p, a, got in zip(prompts, answers, lps):
+            ref = lvlm.answer_logprob([p] * len(a), a)
+            assert len(got) == len(a) and max(abs(x - r) for x, r in zip(got, ref)) < 1e-4
+        assert fast.vision_forwards == 0  # the generation's prefill was the only prompt pass
+    finally:
+        lvlm.batch_size = old_batch

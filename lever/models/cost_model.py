@@ -15,7 +15,9 @@ Counting rules, per query (prompt = header, ICDs, query, tail, answer; see ``lev
   header; a beam's ICDs; a whole prompt scored with several answers) and then only the suffixes,
   minus each sequence's last token (no logit is needed after it);
 * generation (RL-data verdicts, infer) is the same on both paths token-wise: prefill + one token
-  per decode step; batching changes throughput, not tokens (left padding is small after sorting).
+  per decode step; batching changes throughput, not tokens (left padding is small after sorting);
+* RL data on the fast path scores the gt answers on the generation's own key/value cache, so a
+  candidate's prompt goes through the model once (``FastScorer.generate_and_score``).
 
 Run ``python -m lever.models.cost_model`` for the table of docs/performance.md.
 """
@@ -108,10 +110,11 @@ def rl_costs(L: Lengths, img: int, K: int, candidates: int, shots: int, max_new:
     zero = L.header + L.query + img + L.tail + L.answer
     d = L.distinct_answers
     plain_t = gen + zero + candidates * d * (prompt + L.answer)
-    fast_t = gen + zero - 1 + candidates * ((prompt - 1) + d * L.answer)
+    # fast: the answers are scored on the generation's own cache (last prompt token + answer)
+    fast_t = gen + zero - 1 + candidates * d * L.answer
     gen_images = candidates * (shots + 1)
     plain_i = gen_images + 1 + candidates * d * (shots + 1)
-    fast_i = gen_images + min(K + 1, candidates * shots + 1)
+    fast_i = gen_images + 1
     return StageCost("generate-rl-data", f"{candidates} candidates x {shots} shots, {d:.1f} gt answers",
                      plain_t, fast_t, plain_i, fast_i)
 

@@ -184,6 +184,53 @@ class FastScorer:
                 out[i] = v
         return out
 
+    @torch.inference_mode()
+    def generate_and_score(self, prompts: list[list[Example]], answers: list[list[str]],
+                           max_new_tokens: Optional[int] = None) -> tuple[list[str], list[list[float]]]:
+        """Greedy generations of ``prompts`` and the mean answer log-probs of ``answers[i]``
+        given prompt i, with each prompt read once.
+
+        RL data needs both for every candidate: the verdict (generation) and ``gt_prob``
+        (scoring the gt answers).  Done apart, the prompt -- most of the tokens -- goes through
+        the model twice.  Here the batched greedy generation (``QwenVLM.generate_batches``, the
+        very generation of the plain path) keeps its key/value cache; cut to the prompt minus
+        its last token it is the prefix on which each answer is scored as a suffix
+        (left padding puts every prompt's last token in the same column).  Same numbers as
+        ``generate`` plus ``answer_logprob``, up to float noise."""
+        if len(prompts) != len(answers):
+            raise ValueError(f"{len(prompts)} prompts but {len(answers)} answer lists")
+        lv = self.lvlm
+        texts: list[str] = [""] * len(prompts)
+        scores: list[list[float]] = [[0.0] * len(a) for a in answers]
+        encoded = [lv.encode(p) for p in prompts]
+        for idx, batch, inputs, gen, cache in lv.generate_batches(encoded, max_new_tokens, keep_cache=True):
+            for i, t in zip(idx, gen):
+                texts[i] = t
+            L = inputs["input_ids"].shape[1]
+            pids, pmask = inputs["input_ids"][:, :L - 1].cpu(), inputs["attention_mask"][:, :L - 1].cpu()
+            _, pnext = rope_positions_batch(pids, pmask, [[im.grid for im in e.images] for e in batch],
+                                            lv.image_token_id, lv.merge)
+            flat: list[Encoded] = []
+            groups: list[tuple[int, list[int]]] = []
+            where: list[tuple[int, int]] = []
+            for row, i in enumerate(idx):
+                members = []
+                for j, a in enumerate(answers[i]):
+                    members.append(len(flat))
+                    flat.append(lv.encode(prompts[i], a))
+                    where.append((i, j))
+                groups.append((len(batch[row].ids) - 1, members))
+            n_pre = [len(e.images) for e in batch]
+            pairs = sorted(((g, m) for g, (_, ms) in enumerate(groups) for m in ms),
+                           key=lambda gm: (len(flat[gm[1]].ids), gm[1]))
+            for chunk in self._budget_chunks(pairs, lambda gm: L + len(flat[gm[1]].ids) - groups[gm[0]][0]):
+                rows = torch.tensor([g for g, _ in chunk])
+                for m, v in self._run_suffixes(flat, groups, chunk, {}, self._select(cache, rows.to(lv.device), L - 1),
+                                               pmask[rows], pnext[rows], n_pre):
+                    i, j = where[m]
+                    scores[i][j] = v
+        return texts, scores
+
     def _budget_chunks(self, items: list, length) -> list[list]:
         """Consecutive runs of ``items`` whose count x longest ``length`` fits the token budget
         (and ``max_batch``); always at least one item per run."""
@@ -349,20 +396,22 @@ class FastScorer:
         self.lvlm.calls += 1  # telemetry counts LVLM passes of either path
         return cache, pmask, nxt, n_pre
 
-    def _select(self, cache: Any, rows: torch.Tensor):
-        """A cache holding the given rows of ``cache`` (which stays intact for other chunks).
-        A chunk whose rows all come from one group expands that row (a view, no copy)."""
+    def _select(self, cache: Any, rows: torch.Tensor, length: Optional[int] = None):
+        """A cache holding the given rows of ``cache`` (which stays intact for other chunks),
+        cut to its first ``length`` positions if given.  A chunk whose rows all come from one
+        group expands that row (a view, no copy)."""
         from transformers import DynamicCache
 
         out = DynamicCache(config=self.model.config.text_config)
         single = bool((rows == rows[0]).all())
         r0 = int(rows[0])
+        cut = slice(None) if length is None else slice(0, length)
         for li, layer in enumerate(cache.layers):
             if single:
-                k = layer.keys[r0: r0 + 1].expand(len(rows), -1, -1, -1)
-                v = layer.values[r0: r0 + 1].expand(len(rows), -1, -1, -1)
+                k = layer.keys[r0: r0 + 1, :, cut].expand(len(rows), -1, -1, -1)
+                v = layer.values[r0: r0 + 1, :, cut].expand(len(rows), -1, -1, -1)
             else:
-                k, v = layer.keys[rows], layer.values[rows]
+                k, v = layer.keys[rows][:, :, cut], layer.values[rows][:, :, cut]
             out.update(k, v, li)
         return out
 

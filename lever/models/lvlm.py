@@ -433,9 +433,18 @@ class QwenVLM:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[Example]], max_new_tokens: Optional[int] = None) -> list[str]:
-        n_new = max_new_tokens or self.cfg.max_new_tokens
-        encoded = [self.encode(p) for p in prompts]
         out: list[str] = [""] * len(prompts)
+        for idx, _batch, _inputs, texts, _cache in self.generate_batches([self.encode(p) for p in prompts], max_new_tokens):
+            for i, t in zip(idx, texts):
+                out[i] = t
+        return out
+
+    @torch.inference_mode()
+    def generate_batches(self, encoded: list[Encoded], max_new_tokens: Optional[int] = None, keep_cache: bool = False):
+        """Batched greedy generation, batch by batch: (indices, encodings, model inputs, texts,
+        key/value cache or None).  ``keep_cache`` returns each batch's cache (the left-padded
+        prompts, then the generated tokens), which the fast path scores answers on."""
+        n_new = max_new_tokens or self.cfg.max_new_tokens
         for idx, batch in self._chunks(encoded):
             inputs = self.collate(batch)
             gen = self.model.generate(
@@ -444,13 +453,14 @@ class QwenVLM:
                 do_sample=False,
                 pad_token_id=self.pad_id,
                 eos_token_id=self.tokenizer.eos_token_id,
+                return_dict_in_generate=keep_cache,
             )
             self.calls += 1
-            new = gen[:, inputs["input_ids"].shape[1]:]
+            seqs = gen.sequences if keep_cache else gen
+            cache = getattr(gen, "cache", None) or getattr(gen, "past_key_values", None) if keep_cache else None
+            new = seqs[:, inputs["input_ids"].shape[1]:]
             texts = self.tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            for i, t in zip(idx, texts):
-                out[i] = t
-        return out
+            yield idx, batch, inputs, texts, cache
 
     def gt_prob(self, prompt: list[Example], gt_answers_raw: Sequence[str]) -> float:
         return gt_prob(self, prompt, gt_answers_raw)

@@ -15,6 +15,7 @@ a correct and an incorrect candidate (at most ``max_extra_per_query``).
 from __future__ import annotations
 
 import itertools
+import math
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from lever.models.lvlm import LVLM, Example, answer_prob, gt_prob_batch, postprocess_generation, rel_score, weighted_gt_prob
-from lever.models.prompting import most_common_answer
+from lever.models.prompting import answer_weights, most_common_answer
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +174,16 @@ def judge(
     """LVLM verdicts of several prompts of one query, batched; on a failure each prompt is retried
     alone so that one bad candidate is recorded as ``eval_failed`` instead of killing the shard."""
 
+    both = getattr(scorer, "generate_and_score", None)
+
     def run(ps: list[list[Example]]) -> list[dict[str, Any]]:
-        raws = lvlm.generate(ps, max_new_tokens)
-        pers = gt_prob_batch(lvlm, ps, [gt_raw] * len(ps), scorer=scorer)
+        if both is None:
+            raws = lvlm.generate(ps, max_new_tokens)
+            pers = gt_prob_batch(lvlm, ps, [gt_raw] * len(ps), scorer=scorer)
+        else:  # the fast path reads each prompt once for the verdict and gt_prob
+            names = [a for a, _ in answer_weights(gt_raw)]
+            raws, lps = both(ps, [names] * len(ps), max_new_tokens)
+            pers = [{a: math.exp(x) for a, x in zip(names, lp)} for lp in lps]
         return [_verdict(r, per, gt_raw, y, p0) for r, per in zip(raws, pers)]
 
     if not prompts:
