@@ -34,3 +34,14 @@ def test_bench_infer_script_reports_identical_generations():
     lines = out.strip().splitlines()
     assert any(ln.startswith("agreement: 8/8 generations identical (ok)") for ln in lines)
     assert lines[-1].startswith("speedup: ") and float(lines[-1].split()[1]) > 0
+
+
+def test_bench_verdicts_script_compares_the_three_paths():
+    out = _run("bench_verdicts.sh", "--queries", "2", "--candidates", "4", "--repeats", "1")
+    lines = out.strip().splitlines()
+    rows = {ln.split()[0]: ln.split() for ln in lines
+            if ln.split() and ln.split()[0] in {"plain", "two-pass", "one-pass"} and ":" not in ln}
+    assert set(rows) == {"plain", "two-pass", "one-pass"} and all(r[3] == "8/8" for r in rows.values())
+    assert any(ln.startswith("agreement: 8/8 generations identical") and ln.endswith("(ok)") for ln in lines)
+    assert any(ln.startswith("one-pass vs two-pass: ") for ln in lines)
+    assert lines[-1].startswith("speedup: ") and float(lines[-1].split()[1]) > 0

@@ -53,3 +53,23 @@ def bench_infer(
     cfg = load_plan(plan, profile=profile).lvlm
     run_infer_bench(cfg, shots=_ints(shots), n_queries=queries, repeats=repeats,
                     max_new_tokens=max_new_tokens, echo=typer.echo)
+
+
+@bench_app.command("verdicts")
+def bench_verdicts(
+    plan: str = typer.Option("baseline", help="plan whose lvlm section is benchmarked"),
+    profile: Optional[str] = typer.Option("tiny", help="profile (tiny: offline tiny Qwen2.5-VL)"),
+    queries: int = typer.Option(8, min=1, help="queries (candidate groups)"),
+    candidates: int = typer.Option(18, min=1, help="candidate sequences per query"),
+    shots: int = typer.Option(2, min=0, help="ICDs per candidate"),
+    repeats: int = typer.Option(5, min=1, help="timed rounds per query (best is kept)"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="default: the plan's lvlm.max_new_tokens"),
+) -> None:
+    """RL data's verdicts (generation + gt answer scoring): plain, two-pass fast and one-pass fast;
+    identical generations, ms per query, ratios; ends with ``speedup: X.XX`` (plain / one-pass)."""
+    from lever.config import load_plan
+    from lever.models.verdict_bench import run_verdict_bench
+
+    cfg = load_plan(plan, profile=profile).lvlm
+    run_verdict_bench(cfg, n_queries=queries, candidates=candidates, shots=shots, repeats=repeats,
+                      max_new_tokens=max_new_tokens, echo=typer.echo)
