@@ -192,3 +192,14 @@ def test_generate_and_score_reads_each_prompt_once_and_equals_the_separate_calls
         assert fast.vision_forwards == 0  # the generation's prefill was the only prompt pass
     finally:
         lvlm.batch_size = old_batch
+
+
+def test_the_zero_shot_prompt_shares_the_first_steps_header_group(setup):
+    """The first beam step's call holds [query] and [ICD, query] prompts: both share only the
+    system header, and they form one group (one prefix row), not one group each."""
+    lvlm, q, y, pool = setup
+    prompts = [[q]] + [[pool[c], q] for c in range(6)]
+    fast = _compare(lvlm, prompts, [y] * len(prompts))
+    groups = fast._groups([lvlm.encode(p, y) for p in prompts])
+    assert len(groups) == 1 and sorted(groups[0][1]) == list(range(7))
+    assert fast.forwards == 2  # the header once, then every suffix in one pass

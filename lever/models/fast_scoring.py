@@ -293,7 +293,18 @@ class FastScorer:
             if self.vision_start_id in first[:lcp]:  # stop before the first image
                 lcp = first.index(self.vision_start_id)
             groups.append((lcp, sorted(rest)))
-        return groups
+        # groups with the very same prefix become one (the zero-shot prompt's header group and
+        # the first beam step's, which share the system header): one prefix row, not two
+        merged: dict[tuple, list[int]] = {}
+        out: list[tuple[int, list[int]]] = []
+        for plen, members in groups:
+            key = (plen, self._key(encoded[members[0]], plen))
+            if key in merged:
+                merged[key].extend(members)
+            else:
+                merged[key] = list(members)
+                out.append((plen, merged[key]))
+        return out
 
     def _second_last_image_start(self, e: Encoded) -> int:
         """Where the prompt's last ICD begins (its image's vision-start token), or 0 with fewer

@@ -457,7 +457,11 @@ class QwenVLM:
             )
             self.calls += 1
             seqs = gen.sequences if keep_cache else gen
-            cache = getattr(gen, "cache", None) or getattr(gen, "past_key_values", None) if keep_cache else None
+            cache = None
+            if keep_cache:  # ``cache`` in recent transformers, ``past_key_values`` before
+                cache = getattr(gen, "cache", None)
+                if cache is None:
+                    cache = getattr(gen, "past_key_values", None)
             new = seqs[:, inputs["input_ids"].shape[1]:]
             texts = self.tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
             yield idx, batch, inputs, texts, cache
