@@ -203,8 +203,8 @@ class FastScorer:
         texts: list[str] = [""] * len(prompts)
         scores: list[list[float]] = [[0.0] * len(a) for a in answers]
         encoded = [lv.encode(p) for p in prompts]
-        for idx, batch, inputs, gen, cache in lv.generate_batches(encoded, max_new_tokens, keep_cache=True):
-            for i, t in zip(idx, gen):
+        for idx, batch, inputs, batch_texts, cache in lv.generate_batches(encoded, max_new_tokens, keep_cache=True):
+            for i, t in zip(idx, batch_texts):
                 texts[i] = t
             L = inputs["input_ids"].shape[1]
             pids, pmask = inputs["input_ids"][:, :L - 1].cpu(), inputs["attention_mask"][:, :L - 1].cpu()
@@ -221,9 +221,9 @@ class FastScorer:
                     where.append((i, j))
                 groups.append((len(batch[row].ids) - 1, members))
             n_pre = [len(e.images) for e in batch]
-            pairs = sorted(((g, m) for g, (_, ms) in enumerate(groups) for m in ms),
-                           key=lambda gm: (len(flat[gm[1]].ids), gm[1]))
-            for chunk in self._budget_chunks(pairs, lambda gm: L + len(flat[gm[1]].ids) - groups[gm[0]][0]):
+            fed = {m: len(flat[m].ids) - 1 - groups[g][0] for g, (_, ms) in enumerate(groups) for m in ms}
+            pairs = sorted(((g, m) for g, (_, ms) in enumerate(groups) for m in ms), key=lambda gm: (fed[gm[1]], gm[1]))
+            for chunk in self._budget_chunks(pairs, lambda gm: L - 1 + fed[gm[1]]):
                 rows = torch.tensor([g for g, _ in chunk])
                 for m, v in self._run_suffixes(flat, groups, chunk, {}, self._select(cache, rows.to(lv.device), L - 1),
                                                pmask[rows], pnext[rows], n_pre):
