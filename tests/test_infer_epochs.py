@@ -73,10 +73,9 @@ def test_epochs_past_the_trained_count_are_not_units():
         load_plan("plan1", "tiny", SMALL + ["checkpoint.evaluate_epochs=[1,1]"])
 
 
-@pytest.fixture(scope="module")
-def store_with_grpo(tmp_path_factory):
+def _grpo_store(tmp_path_factory, epochs, stopped=None):
     """prepare-data + export-embeddings really built; a train-grpo artifact holding real pointer
-    checkpoints for epochs 1 and 3 only (epoch 2 'lost')."""
+    checkpoints for ``epochs`` only, plus ``stopped.json`` when given."""
     from lever.models.embeddings import load_embeddings
     from lever.selectors.checkpoint import save_checkpoint
     from lever.selectors.pointer import build_selector
@@ -90,12 +89,20 @@ def store_with_grpo(tmp_path_factory):
     dim = emb.train_query.shape[1]
     key = pipe.key("train-grpo", pipe.select_units("train-grpo")[0])
     with store.staging(key) as st:
-        for e in (1, 3):
+        for e in epochs:
             save_checkpoint(st.path / f"grpo_epoch{e}", build_selector(dim, plan.selector, seed=e),
                             plan=plan.name, epoch=e, phase="grpo")
         (st.path / "metrics.jsonl").write_text("")
+        if stopped is not None:
+            (st.path / "stopped.json").write_text(json.dumps(stopped))
         store.commit(key, {"stage": "train-grpo"})
     return store, plan
+
+
+@pytest.fixture(scope="module")
+def store_with_grpo(tmp_path_factory):
+    """Epochs 1 and 3 only (epoch 2 'lost', no guard stop)."""
+    return _grpo_store(tmp_path_factory, (1, 3))
 
 
 def _unit(pipe, variant, shot=1):
@@ -127,26 +134,8 @@ def test_missing_epoch_checkpoint_is_a_stage_error_naming_it(store_with_grpo, mo
 
 @pytest.fixture(scope="module")
 def store_with_stopped_grpo(tmp_path_factory):
-    """A train-grpo artifact whose guard stopped training after epoch 1 (stopped.json), so it
-    holds grpo_epoch1 only."""
-    from lever.models.embeddings import load_embeddings
-    from lever.selectors.checkpoint import save_checkpoint
-    from lever.selectors.pointer import build_selector
-
-    store = LocalStore(tmp_path_factory.mktemp("stopped") / "store")
-    plan = load_plan("plan1", "tiny", SMALL)
-    pipe = Pipeline(plan, store)
-    for name in ("prepare-data", "export-embeddings"):
-        pipe.run_stage(name)
-    emb = load_embeddings(store.open(pipe.key("export-embeddings", pipe.select_units("export-embeddings")[0])))
-    key = pipe.key("train-grpo", pipe.select_units("train-grpo")[0])
-    with store.staging(key) as st:
-        save_checkpoint(st.path / "grpo_epoch1", build_selector(emb.train_query.shape[1], plan.selector, seed=1),
-                        plan=plan.name, epoch=1, phase="grpo")
-        (st.path / "metrics.jsonl").write_text("")
-        (st.path / "stopped.json").write_text(json.dumps({"phase": "grpo", "epoch": 1, "reason": "KL above 5: kl_exact=17"}))
-        store.commit(key, {"stage": "train-grpo"})
-    return store, plan
+    """The guard stopped training after epoch 1 (stopped.json), so it holds grpo_epoch1 only."""
+    return _grpo_store(tmp_path_factory, (1,), {"phase": "grpo", "epoch": 1, "reason": "KL above 5: kl_exact=17"})
 
 
 def test_an_epoch_the_guard_kept_from_training_is_recorded_not_failed(store_with_stopped_grpo, monkeypatch):

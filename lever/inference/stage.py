@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -73,25 +72,24 @@ def _uses_selector(variant: str) -> bool:
 def _epoch_stem(ctx: StageContext, epoch: int) -> Path:
     """GRPO epoch ``epoch``'s checkpoint in the train-grpo artifact; a StageError naming it when
     training never wrote it (stopped early by the divergence guard, or fewer epochs ran)."""
+    from lever.training.checkpoints import available_epochs
+
     d = ctx.input("train-grpo").path
-    stem = d / f"grpo_epoch{epoch}"
-    if not (stem.with_suffix(".json").exists() and stem.with_suffix(".safetensors").exists()):
-        have = sorted(int(m.group(1)) for p in d.glob("grpo_epoch*.json")
-                      if (m := re.fullmatch(r"grpo_epoch(\d+)\.json", p.name)) and p.with_suffix(".safetensors").exists())
+    have = available_epochs(d, "grpo")
+    if epoch not in have:
         raise StageError(f"{d}: checkpoint grpo_epoch{epoch} missing (checkpoint.evaluate_epochs lists epoch {epoch}; "
                          f"train-grpo holds epochs {have or 'none'})")
-    return stem
+    return d / f"grpo_epoch{epoch}"
 
 
 def _epoch_stopped(ctx: StageContext, epoch: int) -> Optional[str]:
     """Why GRPO epoch ``epoch`` was never trained, when the divergence guard stopped train-grpo
     before it (``stopped.json``) -- an outcome the report shows, not a failure; None otherwise
     (a checkpoint missing without a stop is still a StageError)."""
-    from lever.training.checkpoints import stopped_info
+    from lever.training.checkpoints import available_epochs, stopped_info
 
     d = ctx.input("train-grpo").path
-    stem = d / f"grpo_epoch{epoch}"
-    if stem.with_suffix(".json").exists() and stem.with_suffix(".safetensors").exists():
+    if epoch in available_epochs(d, "grpo"):
         return None
     stop = stopped_info(d)
     if not stop:

@@ -220,15 +220,10 @@ class FastScorer:
                     flat.append(lv.encode(prompts[i], a))
                     where.append((i, j))
                 groups.append((len(batch[row].ids) - 1, members))
-            n_pre = [len(e.images) for e in batch]
-            fed = {m: len(flat[m].ids) - 1 - groups[g][0] for g, (_, ms) in enumerate(groups) for m in ms}
-            pairs = sorted(((g, m) for g, (_, ms) in enumerate(groups) for m in ms), key=lambda gm: (fed[gm[1]], gm[1]))
-            for chunk in self._budget_chunks(pairs, lambda gm: L - 1 + fed[gm[1]]):
-                rows = torch.tensor([g for g, _ in chunk])
-                for m, v in self._run_suffixes(flat, groups, chunk, {}, self._select(cache, rows.to(lv.device), L - 1),
-                                               pmask[rows], pnext[rows], n_pre):
-                    i, j = where[m]
-                    scores[i][j] = v
+            pairs = [(g, m) for g, (_, ms) in enumerate(groups) for m in ms]
+            for m, v in self._suffix_passes(flat, groups, pairs, {}, cache, pmask, pnext, [len(e.images) for e in batch]):
+                i, j = where[m]
+                scores[i][j] = v
         return texts, scores
 
     def _budget_chunks(self, items: list, length) -> list[list]:
@@ -435,14 +430,20 @@ class FastScorer:
             members = [(0, i) for _, i in members]
         feats = self._image_features(encoded, [i for _, i in members])
         cache, pmask, pnext, n_pre = self._prefix_cache(encoded, groups, feats)
+        yield from self._suffix_passes(encoded, groups, members, feats, cache, pmask, pnext, n_pre)
+
+    def _suffix_passes(self, encoded, groups, members, feats, cache, pmask, pnext, n_pre):
+        """The members' suffixes on top of their groups' prefix rows (``cache``, possibly longer
+        than ``pmask``'s columns: it is cut to them), in passes that fill the token budget;
+        rows sorted by suffix length, so padding stays small."""
         Lp = pmask.shape[1]
         # the fed part of a row: everything after its prefix but the last answer token (no
         # logit is needed after it)
         fed = {i: len(encoded[i].ids) - 1 - groups[g][0] for g, i in members}
-        members.sort(key=lambda m: (fed[m[1]], m[1]))
+        members = sorted(members, key=lambda m: (fed[m[1]], m[1]))
         for chunk in self._budget_chunks(members, lambda m: Lp + fed[m[1]]):
             rows = torch.tensor([g for g, _ in chunk])
-            sub = None if cache is None else self._select(cache, rows.to(self.lvlm.device))
+            sub = None if cache is None else self._select(cache, rows.to(self.lvlm.device), Lp)
             yield from self._run_suffixes(encoded, groups, chunk, feats, sub, pmask[rows],
                                           pnext[rows], n_pre)
 

@@ -150,10 +150,10 @@ class QwenVLM:
     def _layout(prompt: Sequence[Example]) -> tuple:
         return tuple(ex.image is not None for ex in prompt) + (prompt[-1].answer is None,)
 
-    def _skeleton(self, prompt: Sequence[Example]) -> list[str]:
-        """The template of the prompt's layout (which examples have images), rendered once with
-        sentinel texts and split around them: [part, "k", part, "k", ..., part]; [] if the
-        sentinels did not survive rendering."""
+    def _skeleton(self, prompt: Sequence[Example], layout: tuple) -> list[str]:
+        """The template of the prompt's ``layout`` (``_layout``: which examples have images),
+        rendered once with sentinel texts and split around them: [part, "k", part, "k", ...,
+        part]; [] if the sentinels did not survive rendering."""
 
         def render() -> list[str]:
             content: list[dict[str, Any]] = []
@@ -167,7 +167,7 @@ class QwenVLM:
             parts = rendered.split("\x00")
             return parts if len(parts) == 2 * len(prompt) + 1 else []
 
-        return self._skeletons.get_or(self._layout(prompt), render)
+        return self._skeletons.get_or(layout, render)
 
     def prompt_text(self, prompt: Sequence[Example]) -> str:
         """The chat-templated prompt (one user turn, generation prompt), image pads unexpanded.
@@ -179,7 +179,7 @@ class QwenVLM:
         from lever.models.prompting import example_text
 
         layout = self._layout(prompt)
-        parts = self._skeleton(prompt)
+        parts = self._skeleton(prompt, layout)
         if not parts:
             return self._render(prompt)
         texts = [example_text(ex) for ex in prompt]
@@ -204,7 +204,7 @@ class QwenVLM:
         hold (then ``encode`` tokenizes the whole text)."""
         plan = self._plans.get(layout)
         if plan is None:
-            parts = self._skeleton(prompt)
+            parts = self._skeleton(prompt, layout)
             ok = bool(parts) and self._segmented is not False
             tmpl = parts[0::2] if ok else []
             order = [int(x) for x in parts[1::2]] if ok else []
@@ -226,14 +226,13 @@ class QwenVLM:
             self._plans[layout] = plan
         return plan or None
 
-    def _prompt_ids_of(self, prompt: Sequence[Example], images: list[ProcessedImage]) -> Optional[list[int]]:
+    def _prompt_ids_of(self, prompt: Sequence[Example], images: list[ProcessedImage], layout: tuple) -> Optional[list[int]]:
         """The prompt's token ids from cached per-part and per-text ids, without building and
         re-tokenizing its text (which, with hundreds of image pads per image, is most of the
         cost of encoding a prompt); None when the layout does not allow it.  The first prompts
         of each layout are checked against whole-text tokenization."""
         from lever.models.prompting import example_text
 
-        layout = self._layout(prompt)
         plan = self._segment_plan(prompt, layout)
         if plan is None:
             return None
@@ -327,7 +326,8 @@ class QwenVLM:
         boundary), the answer is tokenized alone and appended so the span stays exact.
         """
         images = [self.process_image(ex.image) for ex in prompt if ex.image is not None]
-        prompt_ids = self._prompt_ids_of(prompt, images)
+        layout = self._layout(prompt)
+        prompt_ids = self._prompt_ids_of(prompt, images, layout)
         text: Optional[str] = None
         if prompt_ids is None:
             text = self._expand(self.prompt_text(prompt), images)
@@ -337,13 +337,13 @@ class QwenVLM:
         if not answer:
             raise ValueError("cannot score an empty answer")
         n = len(prompt_ids)
-        full = self._tokenize_with_answer(prompt, text, images, prompt_ids, answer)
+        full = self._tokenize_with_answer(prompt, layout, text, images, prompt_ids, answer)
         if len(full) <= n or full[:n] != prompt_ids:
             full = list(prompt_ids) + self._tokenize(answer)
         return Encoded(full, n, images)
 
-    def _tokenize_with_answer(self, prompt: Sequence[Example], text: Optional[str], images: list[ProcessedImage],
-                              prompt_ids: list[int], answer: str) -> list[int]:
+    def _tokenize_with_answer(self, prompt: Sequence[Example], layout: tuple, text: Optional[str],
+                              images: list[ProcessedImage], prompt_ids: list[int], answer: str) -> list[int]:
         """ids of the prompt's text + ``answer``, re-tokenizing only the last turn.
 
         Added special tokens split the text before the tokenizer model runs, so everything
@@ -352,7 +352,7 @@ class QwenVLM:
         layout's last template part, so the prompt's text is only built when that fails (then
         the whole text + answer is tokenized).
         """
-        last = self._skeleton(prompt)[-1:] if text is None else [text]
+        last = self._skeleton(prompt, layout)[-1:] if text is None else [text]
         cut = last[0].rfind(self.turn_start) if last else -1
         if cut >= 0:
             tail = last[0][cut:]
