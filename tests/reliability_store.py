@@ -72,20 +72,53 @@ def load_corpus_module():
 
 # -- `lever run` with fake stage functions, for kill tests in a subprocess ---------------------------
 
+def _entry(ctx) -> None:
+    """Record one stage entry ("stage unit-hash run-id") in ``$LEVER_TEST_ENTRY_LOG`` -- shared by
+    every process of a test, so it counts across runs and worker processes how often each unit
+    was computed -- then wait ``$LEVER_TEST_STAGE_DELAY_S`` (compute time, so runs overlap)."""
+    import os
+    import time
+
+    path = os.environ.get("LEVER_TEST_ENTRY_LOG")
+    if path:
+        line = f"{ctx.stage} {ctx.config_hash} {ctx.run_id}\n".encode()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)  # one O_APPEND write: lines of concurrent processes never interleave
+        finally:
+            os.close(fd)
+    delay = float(os.environ.get("LEVER_TEST_STAGE_DELAY_S", "0") or 0)
+    if delay:
+        time.sleep(delay)
+
+
 def hang_or_run(ctx) -> None:
     """The fake stage of ``ctx.stage`` (tests/test_runner_fakes.py); when ``$LEVER_TEST_HANG``
     names this unit ("stage:unit-id") and ``$LEVER_TEST_HANG_FLAG`` does not exist yet, it then
-    creates the flag and blocks, uncommitted, so the test can SIGKILL the run at that point."""
+    creates the flag and blocks, uncommitted, so the test can SIGKILL the run at that point --
+    or, with ``$LEVER_TEST_HANG_UNTIL`` set, until that file exists (then it returns normally)."""
     import os
     import time
 
     import test_runner_fakes as fakes
 
+    _entry(ctx)
     getattr(fakes, fakes.FUNCS.get(ctx.stage, "generic"))(ctx)
     spec, flag = os.environ.get("LEVER_TEST_HANG", ""), os.environ.get("LEVER_TEST_HANG_FLAG", "")
     if spec and flag and spec == f"{ctx.stage}:{ctx.unit.id}" and not Path(flag).exists():
         Path(flag).write_text(str(os.getpid()))
-        time.sleep(120)  # bounded: the test kills us long before
+        until = os.environ.get("LEVER_TEST_HANG_UNTIL", "")
+        deadline = time.monotonic() + 120  # bounded: the test kills or releases us long before
+        while time.monotonic() < deadline and not (until and Path(until).exists()):
+            time.sleep(0.05)
+
+
+def summarize(ctx) -> None:
+    """The real summarizer, with its entry recorded like the fakes'."""
+    from lever.report.stage import summarize as real  # the graph's func (graph.BY_NAME may be this fake's)
+
+    _entry(ctx)
+    real(ctx)
 
 
 def fake_graph():
@@ -93,7 +126,7 @@ def fake_graph():
 
     from lever.pipeline.graph import STAGES
 
-    return tuple(st if st.name == "summarize" else dataclasses.replace(st, func="reliability_store:hang_or_run")
+    return tuple(dataclasses.replace(st, func="reliability_store:" + ("summarize" if st.name == "summarize" else "hang_or_run"))
                  for st in STAGES)
 
 

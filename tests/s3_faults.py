@@ -61,8 +61,17 @@ _S3_ERROR = ("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</C
 class FaultProxy:
     """``with FaultProxy(upstream, [Fault(...)]) as proxy:`` -> ``proxy.url`` is the endpoint."""
 
-    def __init__(self, upstream: str, faults: Optional[list[Fault]] = None, seed: int = 0):
+    def __init__(self, upstream: str, faults: Optional[list[Fault]] = None, seed: int = 0,
+                 gate: Optional[threading.Lock] = None, drop_headers: tuple[str, ...] = ()):
+        """``gate``: a lock held while forwarding a conditional request (``If-Match`` /
+        ``If-None-Match``).  moto checks the precondition and writes in two steps, so two
+        concurrent conditional writes could both pass; serializing them gives the test server
+        the atomicity AWS S3 guarantees.  Share one lock between proxies in front of one server.
+        ``drop_headers``: request headers removed before forwarding (an endpoint that ignores
+        them, e.g. one without conditional writes)."""
         u = urlsplit(upstream)
+        self.gate = gate
+        self.drop_headers = {h.lower() for h in drop_headers}
         self.upstream_host, self.upstream_port = u.hostname or "127.0.0.1", u.port or 80
         self.faults = [dataclasses.replace(f, fired=0) for f in faults or []]
         self.rng = random.Random(seed)
@@ -151,7 +160,8 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(n) if n else b""
 
     def _forward(self, body: bytes) -> tuple[int, str, list[tuple[str, str]], bytes]:
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers = {k: v for k, v in self.headers.items()
+                   if k.lower() not in HOP_BY_HOP and k.lower() not in self.owner.drop_headers}
         headers["Content-Length"] = str(len(body))
         for attempt in range(2):  # a stale keep-alive connection to upstream is our problem, not a fault
             if self._upstream is None:
@@ -196,7 +206,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(int(action), "Slow Down" if action == "503" else "Internal Server Error",
                        [("Content-Type", "application/xml")], xml)
             return
-        status, reason, headers, data = self._forward(body)
+        if self.owner.gate is not None and ("If-Match" in self.headers or "If-None-Match" in self.headers):
+            with self.owner.gate:
+                status, reason, headers, data = self._forward(body)
+        else:
+            status, reason, headers, data = self._forward(body)
         if action == "truncate" and self.command == "GET" and len(data) > 1:
             self._send(status, reason, headers, data[: len(data) // 2], declared=len(data))
             self.close_connection = True

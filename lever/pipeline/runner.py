@@ -2,9 +2,10 @@
 
 ``run_unit`` is the one code path that turns (plan, stage, unit) into a committed artifact: it
 computes the unit's content key, returns at once when a verified artifact is already there,
-otherwise materializes the upstream artifacts, builds the ``StageContext`` (its ``out`` is the
-persistent staging directory, so a killed stage resumes), calls the stage function from the graph
-and commits.  ``lever stage`` (the Argo container) calls it for one unit; ``lever run`` walks the
+otherwise takes the unit's lease (``lease.py``; waiting while another run builds it, then using
+that run's result), materializes the upstream artifacts, builds the ``StageContext`` (its ``out``
+is the persistent staging directory, so a killed stage resumes), calls the stage function from
+the graph and commits -- all while holding the lease.  ``lever stage`` (the Argo container) calls it for one unit; ``lever run`` walks the
 whole graph with it, fanning units out to worker processes.
 
 The graph is an argument (default: ``graph.STAGES``) so tests can inject fake stages.
@@ -17,14 +18,24 @@ import os
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from lever.config.schema import PlanConfig
 from lever.pipeline.context import StageContext, StageError, UpstreamOutput, _NullTelemetry
 from lever.pipeline.graph import STAGES, Stage, Unit
 from lever.pipeline.hashing import PlanKeys, artifact_key, full_config_hash, plan_keys
-from lever.pipeline.store import CorruptArtifact, StagingBusy, Store, open_store
+from lever.pipeline.lease import (
+    HeldLease,
+    LeaseLost,
+    LeaseSettings,
+    UnitBusy,
+    Waiting,
+    acquire_unit,
+    owner_info,
+)
+from lever.pipeline.store import CorruptArtifact, Staging, StagingBusy, Store, open_store
 
 log = logging.getLogger("lever.runner")
 
@@ -40,11 +51,13 @@ class UnitResult:
     stage: str
     unit: str
     key: str
-    status: str  # cached | built | rebuilt | failed
+    status: str  # cached | built | rebuilt | failed (| busy: internal, see run_stage)
     seconds: float = 0.0
     location: str = ""
     error: str = ""
     plan: str = ""
+    #: seconds spent waiting for another run that held the unit's lease (0: none)
+    waited: float = 0.0
 
 
 def new_run_id() -> str:
@@ -108,6 +121,13 @@ class Pipeline:
         self.keys = plan_keys(plan, self.stages, self.baseline_keys)
         self.run_id = run_id or new_run_id()
         self.pool: Optional[WorkerPool] = None  # shared worker processes (set by run_plan)
+        self._lease_settings: Optional[LeaseSettings] = None
+
+    @property
+    def lease_settings(self) -> LeaseSettings:
+        if self._lease_settings is None:
+            self._lease_settings = LeaseSettings.from_env()
+        return self._lease_settings
 
     # -- selection ------------------------------------------------------------------------
     def stage(self, name: str) -> Stage:
@@ -170,10 +190,44 @@ class Pipeline:
         return out
 
     # -- execution ------------------------------------------------------------------------
-    def run_unit(self, stage_name: str, unit: Unit, *, force: bool = False, fresh: bool = False) -> UnitResult:
-        """Build one unit unless a verified artifact already exists."""
+    def run_unit(self, stage_name: str, unit: Unit, *, force: bool = False, fresh: bool = False,
+                 wait: bool = True) -> UnitResult:
+        """Build one unit unless a verified artifact already exists, holding the unit's lease.
+
+        Another run building the same unit: wait for it and use its result (``cached``, with
+        ``waited`` set), or take over when its lease expires.  ``wait=False`` returns status
+        ``busy`` instead of waiting (run_stage does other units first)."""
         st = self.stage(stage_name)
         key = self.key(stage_name, unit)
+        if not force and self.store.check(key) == []:
+            return UnitResult(stage_name, unit.id, key, "cached", location=self.store.location(key), plan=self.plan.name)
+        waiting = Waiting(key)
+        owner = {**owner_info(self.plan.name, self.run_id), "unit": f"{stage_name} {unit.id}"}
+        while True:
+            try:
+                lease = acquire_unit(self.store.leases(), key, owner, self.lease_settings,
+                                     done=lambda: not force and self.store.check(key) == [], wait=wait,
+                                     say=lambda msg: log.info("%s/%s: %s", stage_name, unit.id, msg), waiting=waiting)
+            except UnitBusy:
+                return UnitResult(stage_name, unit.id, key, "busy", plan=self.plan.name)
+            if lease is None:
+                waited = waiting.seconds if waiting.holder is not None else 0.0
+                if waited:
+                    log.info("%s/%s: committed by another run; using it (waited %.1fs)", stage_name, unit.id, waited)
+                return UnitResult(stage_name, unit.id, key, "cached", location=self.store.location(key),
+                                  plan=self.plan.name, waited=round(waited, 3))
+            try:
+                return self._build(st, unit, key, lease, force=force, fresh=fresh)
+            except LeaseLost as exc:
+                # the new holder builds it (a forced rebuild included): wait for its result
+                log.warning("%s/%s: %s; waiting for the new holder's result", stage_name, unit.id, exc)
+                force = fresh = False
+            finally:
+                lease.close()
+
+    def _build(self, st: Stage, unit: Unit, key: str, lease: HeldLease, *, force: bool, fresh: bool) -> UnitResult:
+        """The lease holder's part of run_unit: verify/quarantine, read inputs, run, commit."""
+        stage_name = st.name
         status = "built"
         problems = self.store.check(key)
         if problems is not None and not force:
@@ -193,7 +247,7 @@ class Pipeline:
             baseline_inputs = self._materialize(self.baseline_keys, st.inputs, False, "baseline ", missing)
         if fresh:
             self.store.discard_staging(key)
-        return self._execute(st, unit, key, inputs, baseline_inputs, status, partial=False, missing=[])
+        return self._execute(st, unit, key, inputs, baseline_inputs, status, partial=False, missing=[], lease=lease)
 
     def run_partial(self, stage_name: str, *, unit: Optional[Unit] = None) -> UnitResult:
         """Run a stage on whatever inputs exist (the summarizer after a failure).  The result goes
@@ -214,14 +268,39 @@ class Pipeline:
             self.store.quarantine(key, "superseded by a newer partial report")
         return self._execute(st, unit, key, inputs, baseline_inputs, "partial", partial=True, missing=missing)
 
+    @contextmanager
+    def _staging(self, key: str, lease: Optional[HeldLease]) -> Iterator[Staging]:
+        """The unit's staging directory, entered.  Holding the lease, a busy staging lock means a
+        process on this machine that lost the lease is still running the stage: wait for it
+        (it cannot commit) rather than fail."""
+        announced = False
+        while True:
+            try:
+                staging = self.store.staging(key).__enter__()
+            except StagingBusy:
+                if lease is None:
+                    raise
+                lease.ensure("entering staging")
+                if not announced:
+                    log.info("%s: the staging directory is still in use by a previous holder here; waiting", key)
+                    announced = True
+                time.sleep(self.lease_settings.poll_s)
+                continue
+            try:
+                yield staging
+            finally:
+                staging.__exit__(None, None, None)
+            return
+
     def _execute(self, st: Stage, unit: Unit, key: str, inputs: dict, baseline_inputs: dict, status: str,
-                 *, partial: bool, missing: list[str]) -> UnitResult:
+                 *, partial: bool, missing: list[str], lease: Optional[HeldLease] = None) -> UnitResult:
         fn: Callable[[StageContext], None] = st.load()
         telemetry = make_telemetry(self.plan.name, self.run_id, st.name,
                                    unit=None if unit.id == "all" else unit.id, alerts=self.plan.alerts)
         t0 = time.monotonic()
+        guard = lease.ensure if lease is not None else None
         try:
-            with self.store.staging(key) as staging:
+            with self._staging(key, lease) as staging:
                 ctx = StageContext(
                     plan=self.plan, stage=st.name, unit=unit, inputs=inputs, out=staging.path, run_id=self.run_id,
                     baseline_inputs=baseline_inputs, telemetry=telemetry,
@@ -229,7 +308,7 @@ class Pipeline:
                     config_hash=key.rsplit("/", 1)[-1], baseline_plan=self.baseline, partial=partial,
                     missing=list(missing),
                 )
-                with _StagingSync(self.store, key):
+                with _StagingSync(self.store, key, lease):
                     fn(ctx)
                 meta = {
                     "stage": st.name, "unit": unit.id, "unit_params": {k: v for k, v in unit.params},
@@ -238,7 +317,7 @@ class Pipeline:
                     "inputs": {n: [self.key(n, u) for u, _ in o.units] for n, o in inputs.items()},
                     "partial": partial, "missing": missing,
                 }
-                self.store.commit(key, meta)
+                self.store.commit(key, meta, guard=guard)
         except StagingBusy as exc:
             raise StageError(str(exc)) from None
         except BaseException:
@@ -255,7 +334,8 @@ class Pipeline:
                   on_result: Optional[Callable[[UnitResult], None]] = None) -> list[UnitResult]:
         """Run the given (default: all) units of a stage; pending ones in ``jobs`` worker processes.
         Every unit is attempted; failures are raised together at the end so one bad shard does not
-        throw away its siblings' work."""
+        throw away its siblings' work.  A unit another run is building is put back behind the
+        free ones (two runs of one stage split its units instead of queueing on the same one)."""
         units = list(units) if units is not None else self.select_units(stage_name)
         results: list[UnitResult] = []
         pending: list[Unit] = []
@@ -270,16 +350,21 @@ class Pipeline:
                 pending.append(u)
         errors: list[tuple[Unit, BaseException]] = []
         if len(pending) <= 1 or jobs <= 1:
-            for u in pending:
-                try:
-                    r = self.run_unit(stage_name, u, force=force, fresh=fresh)
-                except StageError:
-                    raise
-                except Exception as exc:
-                    r = self._failed(stage_name, u, exc, errors)
-                results.append(r)
-                if on_result:
-                    on_result(r)
+            busy: list[Unit] = []
+            for wait, todo in ((len(pending) <= 1, pending), (True, busy)):
+                for u in todo:
+                    try:
+                        r = self.run_unit(stage_name, u, force=force, fresh=fresh, wait=wait)
+                    except StageError:
+                        raise
+                    except Exception as exc:
+                        r = self._failed(stage_name, u, exc, errors)
+                    if r.status == "busy":
+                        busy.append(u)
+                        continue
+                    results.append(r)
+                    if on_result:
+                        on_result(r)
         else:
             results.extend(self._run_parallel(stage_name, pending, jobs, force, fresh, errors, on_result))
         if errors:
@@ -300,18 +385,24 @@ class Pipeline:
             "plan": self.plan.model_dump(mode="json"),
             "baseline": self.baseline.model_dump(mode="json") if self.baseline is not None else None,
             "stages": self.stages, "store": self.store.spec(), "run_id": self.run_id,
+            "log_level": logging.getLogger("lever").getEffectiveLevel(),
         }
         results = []
         own = self.pool is None
         pool = self.pool or WorkerPool(min(jobs, len(pending)))
         try:
-            futs = {pool.get().submit(_worker_run, payload, stage_name, u.params, force, fresh): u for u in pending}
-            for fut in as_completed(futs):
-                u = futs[fut]
+            ex = pool.get()
+            futs = {ex.submit(_worker_run, payload, stage_name, u.params, force, fresh, False): u for u in pending}
+            while futs:
+                fut = next(as_completed(futs))
+                u = futs.pop(fut)
                 try:
                     r = fut.result()
                 except Exception as exc:
                     r = self._failed(stage_name, u, exc, errors)
+                if r.status == "busy":  # another run builds it: wait for it behind the free units
+                    futs[ex.submit(_worker_run, payload, stage_name, u.params, force, fresh, True)] = u
+                    continue
                 results.append(r)
                 if on_result:
                     on_result(r)
@@ -351,20 +442,26 @@ class WorkerPool:
 class _StagingSync:
     """While a stage runs, snapshot its staging dir to the store every ``$LEVER_STAGING_SYNC_S``
     seconds (S3 only), so a pod rescheduled onto another node resumes instead of restarting.
-    Off unless the variable is set: local staging already survives a kill."""
+    Off unless the variable is set: local staging already survives a kill.  Only while the unit's
+    lease is ours: a holder cut off past its ttl must not overwrite its successor's snapshot."""
 
-    def __init__(self, store: Store, key: str):
+    def __init__(self, store: Store, key: str, lease: Optional[HeldLease] = None):
         import threading
 
-        self.store, self.key = store, key
+        self.store, self.key, self.lease = store, key, lease
         self.every = float(os.environ.get("LEVER_STAGING_SYNC_S", "0") or 0)
         self._stop = threading.Event()
         self._thread: Optional[Any] = None
         if self.every > 0 and hasattr(store, "sync_staging"):
             self._thread = threading.Thread(target=self._loop, name=f"staging-sync-{key}", daemon=True)
 
+    def _ours(self) -> bool:
+        return self.lease is None or self.lease.valid()
+
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
+            if not self._ours():
+                continue
             try:
                 self.store.sync_staging(self.key)  # type: ignore[attr-defined]
             except Exception as exc:  # a missed snapshot only costs resume progress
@@ -379,7 +476,7 @@ class _StagingSync:
         if self._thread is not None:
             self._stop.set()
             self._thread.join(timeout=60)
-            if exc and exc[0] is not None:
+            if exc and exc[0] is not None and self._ours():
                 try:  # last snapshot of a failing stage: what it managed to write survives the pod
                     self.store.sync_staging(self.key)  # type: ignore[attr-defined]
                 except Exception:
@@ -422,9 +519,22 @@ _WORKER_PIPES: dict[str, Pipeline] = {}
 _WORKER_STORES: dict[str, Store] = {}
 
 
-def _worker_run(payload: dict, stage_name: str, params: tuple, force: bool, fresh: bool) -> UnitResult:
+def _worker_logging(level: int) -> None:
+    """Workers log like their parent (lease waits, stage messages): spawned processes start with
+    no logging configuration."""
+    lever_log = logging.getLogger("lever")
+    if not lever_log.handlers and not logging.getLogger().handlers:
+        import sys
+
+        logging.basicConfig(stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    lever_log.setLevel(level)
+
+
+def _worker_run(payload: dict, stage_name: str, params: tuple, force: bool, fresh: bool,
+                wait: bool = True) -> UnitResult:
     import json as _json
 
+    _worker_logging(payload.get("log_level", logging.WARNING))
     ident = _json.dumps([payload["plan"], payload["baseline"], payload["run_id"], payload["store"]], sort_keys=True)
     pipe = _WORKER_PIPES.get(ident)
     if pipe is None:
@@ -435,7 +545,8 @@ def _worker_run(payload: dict, stage_name: str, params: tuple, force: bool, fres
         _WORKER_STORES[skey] = store
         pipe = Pipeline(plan, store, stages=payload["stages"], baseline=baseline, run_id=payload["run_id"])
         _WORKER_PIPES[ident] = pipe
-    return pipe.run_unit(stage_name, Unit(stage_name, tuple(tuple(p) for p in params)), force=force, fresh=fresh)
+    return pipe.run_unit(stage_name, Unit(stage_name, tuple(tuple(p) for p in params)), force=force, fresh=fresh,
+                         wait=wait)
 
 
 def run_unit(plan: PlanConfig, stage_name: str, unit: Unit, store: Store, run_id: str = "local", *,
@@ -536,7 +647,9 @@ def run_stages(pipe: Pipeline, names: Sequence[str], *, jobs: int, console: Any 
         out.extend(res)
         built = sum(r.status in ("built", "rebuilt") for r in res)
         rebuilt = sum(r.status == "rebuilt" for r in res)
+        shared = sum(r.status == "cached" and r.waited > 0 for r in res)
         extra = f", {rebuilt} rebuilt after failed verification" if rebuilt else ""
+        extra += f", {shared} built by another run while this one waited" if shared else ""
         _print(console, f"{prefix:<42} [cyan]built[/cyan] {built} unit(s){extra} in {time.monotonic() - t0:.1f}s")
     return out
 

@@ -25,9 +25,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from lever.pipeline.lease import LeaseError, LeaseSettings
 from lever.pipeline.store import (
     MANIFEST,
     CorruptArtifact,
+    GuardFn,
+    Leftover,
     Staging,
     Store,
     StoreError,
@@ -35,6 +38,7 @@ from lever.pipeline.store import (
     build_manifest,
     check_key,
     iter_files,
+    key_depth,
     sha256_file,
     utc_now,
     verify_dir,
@@ -49,6 +53,11 @@ _RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitEx
 
 
 _DAMAGED_ATTEMPTS = 3
+#: bucket areas beside the content-addressed keys (see store.py's layout)
+INTERNAL_AREAS = (".staging", ".quarantine", ".leases")
+#: answers to a conditional request whose precondition did not hold (409: a concurrent
+#: conditional write to the same key was in flight on AWS; the caller re-reads and decides)
+_CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 
 
 class _Retryable(Exception):
@@ -63,10 +72,11 @@ def multipart_threshold() -> int:
     return max(5 * _MB, int(os.environ.get("LEVER_S3_MULTIPART_THRESHOLD", str(64 * _MB))))
 
 
-def make_client() -> Any:
+def make_client(*, connect_timeout: float = 10, read_timeout: float = 120, attempts: int = 2) -> Any:
     """A boto3 S3 client with path-style addressing for custom endpoints (MinIO needs it).  It
     makes one quick retry itself; :meth:`S3Store._retry` owns the real policy, because botocore
-    does not retry a body that breaks or arrives damaged after the headers."""
+    does not retry a body that breaks or arrives damaged after the headers.  Lease heartbeats use
+    short timeouts and one attempt: the next beat is their retry."""
     import boto3
     from botocore.config import Config
 
@@ -78,9 +88,9 @@ def make_client() -> Any:
         raise StoreError(f"LEVER_S3_RETRY_MODE={mode!r}: expected standard, adaptive or legacy")
     cfg = Config(
         region_name=region,
-        retries={"max_attempts": 2, "mode": mode},
-        connect_timeout=10,
-        read_timeout=120,
+        retries={"max_attempts": attempts, "mode": mode},
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
         s3={"addressing_style": "path"} if endpoint else None,
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=cfg)
@@ -95,6 +105,22 @@ def _code(exc: BaseException) -> str:
 
 def _is_not_found(exc: BaseException) -> bool:
     return _code(exc) in ("404", "NoSuchKey", "NotFound")
+
+
+def conflict(exc: BaseException) -> bool:
+    """A conditional request's precondition failed (412), or a concurrent conditional write to the
+    same key was in flight (409 ConditionalRequestConflict, AWS)."""
+    return _code(exc) in _CONFLICT_CODES
+
+
+def unsupported(exc: BaseException, header: str) -> Optional[Exception]:
+    """A clear error when the endpoint does not implement a conditional header (else None)."""
+    if _code(exc) in ("NotImplemented", "501"):
+        return LeaseError(f"the S3 endpoint does not support conditional writes ({header}); Lever needs them "
+                          "to keep concurrent runs from building the same unit (AWS S3, MinIO and Ceph RGW have "
+                          "them). Upgrade the store, or set LEVER_LEASES=off to run without coordination "
+                          "(then never run two plans on this store at once)")
+    return None
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -151,9 +177,9 @@ class S3Store(Store):
 
     def _obj(self, key: str, rel: str = "") -> str:
         """Object name of a key (or a file in it).  Internal areas (``.staging/``,
-        ``.quarantine/``) are prefixed to an already-checked key."""
+        ``.quarantine/``, ``.leases/``) are prefixed to an already-checked key."""
         area, sep, rest = key.partition("/")
-        checked = f"{area}/{check_key(rest)}" if area in (".staging", ".quarantine") and sep else check_key(key)
+        checked = f"{area}/{check_key(rest)}" if area in INTERNAL_AREAS and sep else check_key(key)
         parts = [p for p in (self.prefix, checked, rel) if p]
         return "/".join(parts)
 
@@ -167,6 +193,8 @@ class S3Store(Store):
         for attempt in range(1, attempts + 1):
             try:
                 return fn()
+            except LeaseError:
+                raise
             except Exception as exc:
                 if not_found is not _Retryable and _is_not_found(exc):
                     return not_found
@@ -192,15 +220,42 @@ class S3Store(Store):
 
     def _list(self, name_prefix: str) -> dict[str, int]:
         """Object name -> size under a prefix."""
+        return {name: size for name, (size, _) in self._list_meta(name_prefix).items()}
 
-        def listing() -> dict[str, int]:
-            out: dict[str, int] = {}
+    def _list_meta(self, name_prefix: str) -> dict[str, tuple[int, float]]:
+        """Object name -> (size, last-modified epoch seconds) under a prefix."""
+
+        def listing() -> dict[str, tuple[int, float]]:
+            out: dict[str, tuple[int, float]] = {}
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=name_prefix):
                 for obj in page.get("Contents", []):
-                    out[obj["Key"]] = obj["Size"]
+                    out[obj["Key"]] = (obj["Size"], obj["LastModified"].timestamp())
             return out
 
         return self._retry(f"listing {name_prefix}", listing)
+
+    def _put_if_absent(self, name: str, body: bytes) -> bool:
+        """Create ``name`` only if no object has that name (``If-None-Match: *``): True when this
+        call (or its retried attempt) wrote it, False when another writer's object is there."""
+        for _ in range(20):
+            def put() -> str:
+                try:
+                    self.client.put_object(Bucket=self.bucket, Key=name, Body=body, ContentType="application/json",
+                                           ContentMD5=base64.b64encode(hashlib.md5(body).digest()).decode(),
+                                           IfNoneMatch="*")
+                    return "written"
+                except Exception as exc:
+                    if conflict(exc):
+                        return "conflict"
+                    raise unsupported(exc, "If-None-Match") or exc
+
+            if self._retry(f"writing {name}", put) == "written":
+                return True
+            existing = self._get_bytes(name)
+            if existing is not None:
+                return existing == body  # equal: our own attempt whose answer was lost
+            time.sleep(0.05)  # 409: a concurrent conditional write was in flight; it may yet fail
+        raise StoreError(f"{self.url}: writing {name} kept conflicting with concurrent writers")
 
     def _put(self, name: str, body: bytes, content_type: str = "application/json") -> None:
         self._retry(f"writing {name}", lambda: self.client.put_object(
@@ -364,14 +419,28 @@ class S3Store(Store):
             self._download(name, local / name[len(base):])
         return len(names)
 
-    def commit(self, key: str, meta: dict) -> dict:
+    def commit(self, key: str, meta: dict, guard: GuardFn = None) -> dict:
+        """Upload every file, then create the manifest with ``If-None-Match: *``: at most one
+        manifest is ever written per key, even by two runners whose leases overlapped (a holder
+        cut off from S3 past its ttl).  The loser adopts the winner's artifact."""
         staging = self.cache / ".staging" / check_key(key)
         manifest = build_manifest(staging, key, meta)
+        self._forget(key)
+        if self.manifest(key) is not None and self.check(key) == []:
+            return self._adopt(key, staging, "before uploading")
         for rel in manifest["files"]:
+            if guard is not None:
+                guard(f"uploading {rel}")
             self._upload(staging / rel, self._obj(key, rel))
+        if guard is not None:
+            guard("writing the manifest")
         body = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
         self._forget(key)
-        self._put(self._obj(key, MANIFEST), body)  # last: only now is the artifact committed
+        name = self._obj(key, MANIFEST)  # last: only now is the artifact committed
+        if not LeaseSettings.from_env().enabled:
+            self._put(name, body)  # LEVER_LEASES=off: endpoints without conditional writes
+        elif not self._put_if_absent(name, body):
+            return self._adopt(key, staging, "while this one uploaded")
         self._manifests[key] = manifest
         self._intact.add(key)
         atomic_write_json(staging / MANIFEST, manifest)
@@ -385,6 +454,21 @@ class S3Store(Store):
         except Exception:  # a leftover snapshot is harmless
             pass
         return manifest
+
+    def _adopt(self, key: str, staging: Path, when: str) -> dict:
+        """Another runner committed ``key`` first: drop this build and use its artifact."""
+        self._forget(key)
+        theirs = self.manifest(key)
+        if theirs is None:
+            raise StoreError(f"{self.url}: {key}: the manifest write conflicted but no manifest is there")
+        log.warning("%s was committed by another runner (run %s) %s; keeping that artifact, dropping this build",
+                    key, theirs.get("run_id", "?"), when)
+        shutil.rmtree(staging, ignore_errors=True)
+        problems = self.check(key)
+        if problems:  # our uploads overwrote some of its files with different bytes: say so loudly
+            log.error("%s: the committed artifact no longer matches its manifest (%s); readers will "
+                      "quarantine and rebuild it", key, "; ".join(problems[:3]))
+        return theirs
 
     def quarantine(self, key: str, reason: str) -> str:
         dest = self._obj(".quarantine/" + key.replace("/", "__") + "-" + utc_now().replace(":", ""))
@@ -426,6 +510,32 @@ class S3Store(Store):
 
     def spec(self) -> dict:
         return {"url": self.url, "cache_dir": str(self.cache.parents[2])}
+
+    def _lease_backend(self) -> Any:
+        from lever.pipeline.s3_leases import S3Leases
+
+        return S3Leases(self)
+
+    def leftovers(self) -> list[Leftover]:
+        """Staging snapshots in the bucket (grouped by unit key) and quarantined artifacts."""
+        out: list[Leftover] = []
+        for kind, area in (("staging", ".staging"), ("quarantine", ".quarantine")):
+            base = "/".join(p for p in (self.prefix, area) if p) + "/"
+            groups: dict[str, list[tuple[int, float]]] = {}
+            for name, meta in self._list_meta(base).items():
+                parts = name[len(base):].split("/")
+                depth = key_depth(parts[0]) if kind == "staging" else 1
+                if len(parts) <= depth:
+                    continue
+                groups.setdefault("/".join(parts[:depth]), []).append(meta)
+            for name, metas in sorted(groups.items()):
+                out.append(Leftover(kind, name, max(t for _, t in metas), sum(n for n, _ in metas),
+                                    f"s3://{self.bucket}/{base}{name}/"))
+        return out
+
+    def remove_leftover(self, item: Leftover) -> None:
+        area = {"staging": ".staging", "quarantine": ".quarantine"}[item.kind]
+        self._delete_prefix(self._obj(f"{area}/{item.name}") + "/")
 
 
 class _RestoringStaging(Staging):

@@ -7,12 +7,16 @@ Layout (relative keys, the same in both backends)::
     partial/{plan}/{run_id}/...             partial reports (never used as a cache)
     runs/{plan}/{run_id}.json               what a run did (human index, not read back as data)
     plans/{plan}/latest.json                the latest run of a plan (keys of its report etc.)
+    .staging/{key}/...                      a unit being built (S3: its last snapshot)
+    .quarantine/{name}/...                  artifacts that failed verification, kept for inspection
+    .leases/{key}.*                         who builds a unit now (``lease.py``)
 
 Why a manifest per artifact: it is the commit marker (an artifact without one is invisible), and
 its sha256 list is how a damaged or half-copied artifact is detected instead of silently used.
 Stages never write to a final key: they write into a *staging* directory that survives a kill (so a
 stage can resume from what it finds there) and the store commits it atomically (local: one
-``rename``; S3: every file first, the manifest last).
+``rename``; S3: every file first, the manifest last).  Only the holder of a unit's lease
+(``lease.py``) builds, resumes or commits it, so concurrent runs never build a unit twice.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from lever.io import atomic_write_json as _atomic_write_json
 
@@ -176,10 +180,30 @@ class Staging:
             self._fd = None
 
 
+def key_depth(first_part: str) -> int:
+    """How many path parts make a key: ``stage/hash``, but ``partial/plan/run_id``."""
+    return 3 if first_part == "partial" else 2
+
+
+@dataclass
+class Leftover:
+    """Something ``lever store gc`` may remove: a staging dir, a quarantined artifact, a lease."""
+
+    kind: str  # staging | quarantine | lease
+    name: str  # the unit key (staging, lease) or the quarantine entry's name
+    newest: float  # epoch seconds of its newest file / last heartbeat
+    size: int
+    location: str
+
+
+GuardFn = Optional[Callable[[str], None]]
+
+
 class Store(ABC):
     """What the runner needs from a backend.  Keys are relative paths (``stage/hash``)."""
 
     url: str
+    _leases: Any = None
 
     @abstractmethod
     def manifest(self, key: str) -> Optional[dict]:
@@ -198,8 +222,10 @@ class Store(ABC):
         """The persistent, locked staging directory of ``key`` (use as a context manager)."""
 
     @abstractmethod
-    def commit(self, key: str, meta: dict) -> dict:
-        """Atomically publish the staging directory of ``key``; returns the manifest."""
+    def commit(self, key: str, meta: dict, guard: GuardFn = None) -> dict:
+        """Atomically publish the staging directory of ``key``; returns the manifest (another
+        runner's, when it committed the same key first).  ``guard(what)`` is called before each
+        step that publishes bytes and raises to stop (the caller's lease is gone)."""
 
     @abstractmethod
     def quarantine(self, key: str, reason: str) -> str:
@@ -224,6 +250,26 @@ class Store(ABC):
     def spec(self) -> dict:
         """How a worker process reopens this store (see :func:`open_store`)."""
         return {"url": self.url}
+
+    def leases(self) -> Any:
+        """The :class:`lever.pipeline.lease.LeaseBackend` of this store (``LEVER_LEASES=off``: none)."""
+        if self._leases is None:
+            from lever.pipeline.lease import LeaseSettings, NoLeases
+
+            self._leases = self._lease_backend() if LeaseSettings.from_env().enabled else NoLeases()
+        return self._leases
+
+    @abstractmethod
+    def _lease_backend(self) -> Any:
+        """This backend's lease implementation."""
+
+    @abstractmethod
+    def leftovers(self) -> list[Leftover]:
+        """Staging directories and quarantined artifacts present (for ``lever store gc``)."""
+
+    @abstractmethod
+    def remove_leftover(self, item: Leftover) -> None:
+        """Delete one staging directory or quarantined artifact."""
 
 
 class LocalStore(Store):
@@ -286,12 +332,14 @@ class LocalStore(Store):
         check_key(key)
         return Staging(key, self.root / ".staging" / key, self.root / ".locks" / (key.replace("/", "__") + ".lock"))
 
-    def commit(self, key: str, meta: dict) -> dict:
+    def commit(self, key: str, meta: dict, guard: GuardFn = None) -> dict:
         staging = self.root / ".staging" / check_key(key)
         manifest = build_manifest(staging, key, meta)
         atomic_write_json(staging / MANIFEST, manifest)
         final = self._dir(key)
         final.parent.mkdir(parents=True, exist_ok=True)
+        if guard is not None:
+            guard("commit")
         if final.exists():
             # a concurrent builder won the race, or a corrupt copy was not quarantined
             if self.check(key) == []:
@@ -329,6 +377,51 @@ class LocalStore(Store):
     def location(self, key: str, rel: str = "") -> str:
         p = self._dir(key)
         return str(p / rel) if rel else str(p)
+
+    def _lease_backend(self) -> Any:
+        from lever.pipeline.lease import FileLeases
+
+        return FileLeases(self.root)
+
+    def leftovers(self) -> list[Leftover]:
+        out = []
+        staging = self.root / ".staging"
+        if staging.is_dir():
+            for first in sorted(p for p in staging.iterdir() if p.is_dir()):
+                depth = key_depth(first.name)
+                for d in sorted(first.glob("/".join(["*"] * (depth - 1)))):
+                    if d.is_dir():
+                        out.append(_dir_leftover("staging", d.relative_to(staging).as_posix(), d))
+        quarantine = self.root / ".quarantine"
+        if quarantine.is_dir():
+            for d in sorted(p for p in quarantine.iterdir() if p.is_dir()):
+                out.append(_dir_leftover("quarantine", d.name, d))
+        return out
+
+    def remove_leftover(self, item: Leftover) -> None:
+        area = {"staging": ".staging", "quarantine": ".quarantine"}[item.kind]
+        target = self.root / area / item.name
+        if item.kind == "staging":
+            check_key(item.name)
+            # the unit's staging lock: a process building it right now (without a lease, e.g. an
+            # older lever) keeps its directory
+            with Staging(item.name, target, self.root / ".locks" / (item.name.replace("/", "__") + ".lock")):
+                shutil.rmtree(target, ignore_errors=True)
+        else:
+            shutil.rmtree(target, ignore_errors=True)
+
+
+def _dir_leftover(kind: str, name: str, d: Path) -> Leftover:
+    newest, size = d.stat().st_mtime, 0
+    for p in d.rglob("*"):
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        newest = max(newest, st.st_mtime)
+        if p.is_file():
+            size += st.st_size
+    return Leftover(kind, name, newest, size, str(d))
 
 
 def _fsync_dir(d: Path) -> None:
