@@ -75,7 +75,8 @@ def load_corpus_module():
 def _entry(ctx) -> None:
     """Record one stage entry ("stage unit-hash run-id") in ``$LEVER_TEST_ENTRY_LOG`` -- shared by
     every process of a test, so it counts across runs and worker processes how often each unit
-    was computed -- then wait ``$LEVER_TEST_STAGE_DELAY_S`` (compute time, so runs overlap)."""
+    was computed -- then wait ``$LEVER_TEST_STAGE_DELAY_S`` (compute time, so runs overlap):
+    seconds, or ``stage=seconds`` pairs with ``*`` for the others (``infer=0.3,*=0.05``)."""
     import os
     import time
 
@@ -87,7 +88,9 @@ def _entry(ctx) -> None:
             os.write(fd, line)  # one O_APPEND write: lines of concurrent processes never interleave
         finally:
             os.close(fd)
-    delay = float(os.environ.get("LEVER_TEST_STAGE_DELAY_S", "0") or 0)
+    spec = os.environ.get("LEVER_TEST_STAGE_DELAY_S", "") or "0"
+    delays = dict(p.split("=", 1) if "=" in p else ("*", p) for p in spec.split(","))
+    delay = float(delays.get(ctx.stage, delays.get("*", 0)))
     if delay:
         time.sleep(delay)
 
@@ -106,7 +109,8 @@ def hang_or_run(ctx) -> None:
     getattr(fakes, fakes.FUNCS.get(ctx.stage, "generic"))(ctx)
     spec, flag = os.environ.get("LEVER_TEST_HANG", ""), os.environ.get("LEVER_TEST_HANG_FLAG", "")
     if spec and flag and spec == f"{ctx.stage}:{ctx.unit.id}" and not Path(flag).exists():
-        Path(flag).write_text(str(os.getpid()))
+        Path(flag + ".tmp").write_text(f"{os.getpid()} {ctx.stage}/{ctx.config_hash}")  # pid and the unit's key
+        os.replace(flag + ".tmp", flag)  # whole or absent: the test reads it as soon as it exists
         until = os.environ.get("LEVER_TEST_HANG_UNTIL", "")
         deadline = time.monotonic() + 120  # bounded: the test kills or releases us long before
         while time.monotonic() < deadline and not (until and Path(until).exists()):

@@ -510,15 +510,22 @@ def acquire_unit(backend: LeaseBackend, key: str, owner: dict, settings: LeaseSe
     while True:
         if not first and done():
             return None
-        first = False
         rec = LeaseRecord.new(key, owner, settings.ttl_s)
-        got, holder = backend.try_acquire(rec)
+        holder = None
+        if not first and not backend.dies_with_holder:
+            # watching a held lease costs one read per round; a write is tried only when it is free
+            holder = backend.read(key)
+        first = False
+        if holder is not None and not _expired(holder, first_seen):
+            got = False
+        else:
+            got, holder = backend.try_acquire(rec)
         if not got and holder is not None and not backend.dies_with_holder and _expired(holder, first_seen):
             say(f"taking over {key} from {holder.who()} (no heartbeat for "
                 f"{_ago(time.time() - holder.renewed)} by its clock, ttl {holder.ttl_s:g}s)")
             got = backend.take_over(rec, holder)
         if got:
-            if done():
+            if done():  # always called right after acquiring: the caller relies on it
                 backend.release(rec)
                 return None
             return HeldLease(backend, rec, settings)

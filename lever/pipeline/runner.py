@@ -203,10 +203,15 @@ class Pipeline:
             return UnitResult(stage_name, unit.id, key, "cached", location=self.store.location(key), plan=self.plan.name)
         waiting = Waiting(key)
         owner = {**owner_info(self.plan.name, self.run_id), "unit": f"{stage_name} {unit.id}"}
+        seen: dict[str, Any] = {}
+
+        def done() -> bool:  # also keeps what it saw: the holder's first step needs it
+            seen["problems"] = problems = self.store.check(key)
+            return not force and problems == []
+
         while True:
             try:
-                lease = acquire_unit(self.store.leases(), key, owner, self.lease_settings,
-                                     done=lambda: not force and self.store.check(key) == [], wait=wait,
+                lease = acquire_unit(self.store.leases(), key, owner, self.lease_settings, done=done, wait=wait,
                                      say=lambda msg: log.info("%s/%s: %s", stage_name, unit.id, msg), waiting=waiting)
             except UnitBusy:
                 return UnitResult(stage_name, unit.id, key, "busy", plan=self.plan.name)
@@ -217,7 +222,7 @@ class Pipeline:
                 return UnitResult(stage_name, unit.id, key, "cached", location=self.store.location(key),
                                   plan=self.plan.name, waited=round(waited, 3))
             try:
-                return self._build(st, unit, key, lease, force=force, fresh=fresh)
+                return self._build(st, unit, key, lease, seen["problems"], force=force, fresh=fresh)
             except LeaseLost as exc:
                 # the new holder builds it (a forced rebuild included): wait for its result
                 log.warning("%s/%s: %s; waiting for the new holder's result", stage_name, unit.id, exc)
@@ -225,11 +230,12 @@ class Pipeline:
             finally:
                 lease.close()
 
-    def _build(self, st: Stage, unit: Unit, key: str, lease: HeldLease, *, force: bool, fresh: bool) -> UnitResult:
-        """The lease holder's part of run_unit: verify/quarantine, read inputs, run, commit."""
+    def _build(self, st: Stage, unit: Unit, key: str, lease: HeldLease, problems: Optional[list[str]], *,
+               force: bool, fresh: bool) -> UnitResult:
+        """The lease holder's part of run_unit: quarantine a corrupt or forced artifact (``problems``:
+        the cache check made right after acquiring), read inputs, run, commit."""
         stage_name = st.name
         status = "built"
-        problems = self.store.check(key)
         if problems is not None and not force:
             if not problems:
                 return UnitResult(stage_name, unit.id, key, "cached", location=self.store.location(key), plan=self.plan.name)

@@ -426,7 +426,9 @@ class S3Store(Store):
         staging = self.cache / ".staging" / check_key(key)
         manifest = build_manifest(staging, key, meta)
         self._forget(key)
-        if self.manifest(key) is not None and self.check(key) == []:
+        if guard is not None:
+            guard("commit")  # a lease holder: nobody else commits this key while the lease is ours
+        elif self.manifest(key) is not None and self.check(key) == []:
             return self._adopt(key, staging, "before uploading")
         for rel in manifest["files"]:
             if guard is not None:
