@@ -5,8 +5,9 @@ computes the unit's content key, returns at once when a verified artifact is alr
 otherwise takes the unit's lease (``lease.py``; waiting while another run builds it, then using
 that run's result), materializes the upstream artifacts, builds the ``StageContext`` (its ``out``
 is the persistent staging directory, so a killed stage resumes), calls the stage function from
-the graph and commits -- all while holding the lease.  ``lever stage`` (the Argo container) calls it for one unit; ``lever run`` walks the
-whole graph with it, fanning units out to worker processes.
+the graph and commits -- all while holding the lease.  ``lever stage`` (the Argo container) calls
+it for one unit; ``lever run`` walks the whole graph with it, fanning units out to worker
+processes.
 
 The graph is an argument (default: ``graph.STAGES``) so tests can inject fake stages.
 """
@@ -357,6 +358,7 @@ class Pipeline:
         errors: list[tuple[Unit, BaseException]] = []
         if len(pending) <= 1 or jobs <= 1:
             busy: list[Unit] = []
+            done: list[UnitResult] = []
             for wait, todo in ((len(pending) <= 1, pending), (True, busy)):
                 for u in todo:
                     try:
@@ -368,9 +370,11 @@ class Pipeline:
                     if r.status == "busy":
                         busy.append(u)
                         continue
-                    results.append(r)
+                    done.append(r)
                     if on_result:
                         on_result(r)
+            order = {u.id: i for i, u in enumerate(pending)}
+            results.extend(sorted(done, key=lambda r: order.get(r.unit, 0)))
         else:
             results.extend(self._run_parallel(stage_name, pending, jobs, force, fresh, errors, on_result))
         if errors:
