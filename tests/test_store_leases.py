@@ -190,6 +190,33 @@ def s3(monkeypatch, tmp_path):
         server.stop()
 
 
+def test_the_test_server_enforces_conditional_requests_like_aws(s3):
+    """What docs/reliability.md states about moto's server, pinned: the four conditional requests
+    the leases use fail the way AWS documents (412 PreconditionFailed; If-Match on a missing key
+    404).  A moto upgrade that changed this would make the lease tests prove less."""
+    from botocore.exceptions import ClientError
+
+    upstream, _, direct, bucket = s3
+
+    def code(**kw) -> str:
+        try:
+            (direct.delete_object if kw.pop("delete", False) else direct.put_object)(Bucket=bucket, **kw)
+        except ClientError as exc:
+            return exc.response["Error"]["Code"]
+        return "ok"
+
+    etag = direct.put_object(Bucket=bucket, Key="l", Body=b"1", IfNoneMatch="*")["ETag"]
+    assert code(Key="l", Body=b"2", IfNoneMatch="*") == "PreconditionFailed"
+    assert code(Key="l", Body=b"3", IfMatch='"00000000000000000000000000000000"') == "PreconditionFailed"
+    assert code(Key="missing", Body=b"3", IfMatch=etag) == "NoSuchKey"
+    assert code(Key="l", delete=True, IfMatch='"00000000000000000000000000000000"') == "PreconditionFailed"
+    assert direct.get_object(Bucket=bucket, Key="l")["Body"].read() == b"1"
+    assert code(Key="l", Body=b"4", IfMatch=etag) == "ok"
+    new_etag = direct.head_object(Bucket=bucket, Key="l")["ETag"]
+    assert code(Key="l", delete=True, IfMatch=etag) == "PreconditionFailed"  # the old version
+    assert code(Key="l", delete=True, IfMatch=new_etag) == "ok"
+
+
 def _store(bucket: str, tmp_path: Path, name: str) -> S3Store:
     return S3Store(bucket, "p", cache_dir=tmp_path / name)
 
