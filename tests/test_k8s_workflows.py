@@ -209,6 +209,93 @@ def test_pods_are_locked_down_and_reference_the_secret(template, cron):
             assert t["serviceAccountName"] == render.cluster_platform().service_account
 
 
+def test_pods_that_read_data_or_models_mount_the_provisioned_volumes_offline(template, cron):
+    """Stages that read the dataset or load a pretrained model mount the data volume and the model
+    snapshots read-only (claims from parameters); every pod runs with the hub offline switches,
+    so nothing downloads a model behind the operator's back."""
+    from lever.platform.workflows import reads_provisioned_inputs
+
+    tmpl = _templates(template)
+    readers = {s.name for s in STAGES if reads_provisioned_inputs(s)}
+    assert readers == {"prepare-data", "export-embeddings", "generate-beams", "generate-rl-data", "infer"}
+    for st in STAGES:
+        t = tmpl[stage_template_name(st)]
+        vols = {v["name"]: v for v in t["volumes"]}
+        mounts = {m["name"]: m for m in t["container"]["volumeMounts"]}
+        if st.name in readers:
+            assert vols["data"]["persistentVolumeClaim"] == {"claimName": "{{inputs.parameters.data-pvc}}",
+                                                             "readOnly": True}
+            assert vols["models"]["persistentVolumeClaim"]["claimName"] == "{{inputs.parameters.models-pvc}}"
+            assert mounts["data"] == {"name": "data", "mountPath": "/data", "readOnly": True}
+            assert mounts["models"] == {"name": "models", "mountPath": "/models", "readOnly": True}
+        else:
+            assert "data" not in vols and "models" not in vols, st.name
+    plan = load_plan(render.recommended_plan(), "cluster")
+    assert plan.data.root.startswith("/data/") and plan.models.root == "/models"
+    for doc in (template, cron):
+        for name, t in _templates(doc).items():
+            if "container" in t:
+                env = {e["name"]: e.get("value") for e in t["container"]["env"]}
+                assert env["HF_HUB_OFFLINE"] == "1" and env["TRANSFORMERS_OFFLINE"] == "1", name
+
+
+def test_overrides_reach_every_pod_and_the_baseline_gets_its_share(template, cron):
+    params = _params(template["spec"])
+    assert params["overrides"] == "[]" and params["data-pvc"] and params["models-pvc"]
+    for doc in (template, cron):
+        for name, t in _templates(doc).items():
+            if "container" not in t:
+                continue
+            a = t["container"]["args"]
+            assert a[a.index("--overrides") + 1] == "{{inputs.parameters.overrides}}", name
+            if a[0] == "stage":
+                assert a[a.index("--overrides-role") + 1] == "{{inputs.parameters.role}}", name
+    entry = _tasks(template, template["spec"]["entrypoint"])
+    assert _params(entry["baseline"])["role"] == "baseline" and _params(entry[PIPELINE])["role"] == "plan"
+    nightly = _tasks(cron, cron["spec"]["workflowSpec"]["entrypoint"])
+    assert _params(nightly["baseline"])["role"] == "baseline" and _params(nightly["candidate"])["role"] == "plan"
+
+
+def test_render_set_validates_and_fills_the_overrides_parameter(shared):
+    res = _lever("render", "plan5", "--set", "lvlm.name=/models/my-qwen", "--set", "infer.shots=[1, 2]")
+    assert res.returncode == 0, res.stderr
+    (doc,) = validation.load_documents(res.stdout)
+    assert validation.validate_argo(doc, shared) == []
+    assert json.loads(_params(doc["spec"])["overrides"]) == ["lvlm.name=/models/my-qwen", "infer.shots=[1, 2]"]
+    bad = _lever("render", "plan5", "--set", "lvlm.nmae=x")
+    assert bad.returncode == 2 and "lvlm.nmae" in bad.stderr and not bad.stdout
+
+
+def test_stage_pods_apply_the_overrides_parameter(tmp_path):
+    """What a pod runs: --overrides (JSON) changes the plan the stage sees; role baseline keeps only
+    the overrides a baseline shares, so its keys match what the plan's summarizer looks up."""
+    ov = json.dumps(["infer.shards=3", "grpo.kl_beta=0.05"])
+    res = _lever("stage", "infer", "--plan", "plan5", "--profile", "cluster", "--overrides", ov, LIST_FLAG)
+    assert res.returncode == 0, res.stderr
+    assert all(i.endswith("-of3") for i in json.loads(res.stdout))
+    from lever.cli.pipeline import _all_overrides
+
+    assert _all_overrides([], ov, "baseline") == ["infer.shards=3"]
+    assert _all_overrides(["seed=1"], ov, "plan") == ["seed=1", "infer.shards=3", "grpo.kl_beta=0.05"]
+    bad = _lever("stage", "infer", "--plan", "plan5", "--overrides", "lvlm.name=x", LIST_FLAG)
+    assert bad.returncode == 2 and "JSON list" in bad.stderr
+
+
+def test_models_pull_template_writes_the_volume_online(files, shared):
+    (doc,) = validation.load_documents(files["workflows/lever-models-pull-template.yaml"])
+    for version in ("v4.1.2", "v3.7.18"):
+        assert validation.validate_argo(doc, shared, version) == []
+    (pull,) = [t for t in _templates(doc).values() if "container" in t]
+    args = pull["container"]["args"]
+    assert args[:2] == ["models", "pull"] and args[args.index("--to") + 1] == "{{inputs.parameters.to}}"
+    env = {e["name"] for e in pull["container"]["env"]}
+    assert "HF_HUB_OFFLINE" not in env and "HF_TOKEN" in env
+    (vol,) = [v for v in pull["volumes"] if v["name"] == "models"]
+    assert vol["persistentVolumeClaim"]["readOnly"] is False
+    assert _params(doc["spec"])["to"] == "/models"
+    assert pull["retryStrategy"]["expression"] == RETRY_EXPRESSION  # exit 2 (not provisionable) never retried
+
+
 def test_exit_handler_always_runs_partial_summary(template):
     spec = template["spec"]
     handler = _templates(template)[spec["onExit"]]
@@ -281,7 +368,7 @@ def test_nightly_cron_runs_recommended_plan_against_baseline(cron):
 @pytest.mark.parametrize("version", ["v4.1.2", "v3.7.18"])
 def test_committed_manifests_pass_closed_argo_schema(shared, version):
     paths = sorted((ROOT / "workflows").glob("*.yaml"))
-    assert len(paths) == len(list_plans()) + 2
+    assert len(paths) == len(list_plans()) + 3  # + pipeline template, models-pull template, nightly cron
     for path in paths:
         for doc in validation.load_documents(path.read_text()):
             assert validation.validate_argo(doc, shared, version) == [], path.name

@@ -46,6 +46,22 @@ def _pipeline(plan: str, profile: Optional[str], set_: list[str], store: Optiona
     return Pipeline(cfg, _open(store), baseline=base, run_id=run_id)
 
 
+OVERRIDES_HELP = "JSON list of KEY=VALUE overrides (the Argo 'overrides' parameter), applied after --set"
+ROLE_HELP = ("plan | baseline: as 'baseline' (the pipeline run as another plan's baseline) only the overrides "
+             "a baseline shares are applied, as `lever run` does")
+
+
+def _all_overrides(set_: list[str], overrides: str, role: str) -> list[str]:
+    """--set plus the --overrides JSON list; for ``role`` baseline only what a baseline shares."""
+    from lever.config.loader import PlanError, parse_overrides
+    from lever.pipeline.runner import baseline_overrides
+
+    out = [*set_, *parse_overrides(overrides)]
+    if role not in ("plan", "baseline"):
+        raise PlanError(f"--overrides-role must be plan or baseline, got {role!r}")
+    return baseline_overrides(out) if role == "baseline" else out
+
+
 def _parse_units(specs: list[str]) -> dict[str, str]:
     from lever.pipeline.context import StageError
 
@@ -72,6 +88,8 @@ def stage_cmd(
     set_: list[str] = typer.Option([], "--set", help="config override KEY=VALUE (repeatable)"),
     store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
     unit: list[str] = typer.Option([], "--unit", help="unit filter KEY=VALUE, e.g. shot=2 (repeatable)"),
+    overrides: str = typer.Option("", "--overrides", help=OVERRIDES_HELP),
+    overrides_role: str = typer.Option("plan", "--overrides-role", help=ROLE_HELP),
     unit_id: Optional[str] = typer.Option(None, "--unit-id", help="exact unit id as printed by --list-units"),
     shard: Optional[int] = typer.Option(None, "--shard", help="shorthand for --unit shard=I"),
     list_units: bool = typer.Option(False, "--list-units", help="print the unit ids as a JSON list and exit"),
@@ -86,6 +104,7 @@ def stage_cmd(
     from lever.pipeline.store import StoreError
 
     _setup_logging(verbose)
+    set_ = _all_overrides(set_, overrides, overrides_role)
     filters = _parse_units(unit)
     if shard is not None:
         filters["shard"] = str(shard)
