@@ -139,12 +139,21 @@ def _from_store(store_url: str, key: str, ref: ModelRef) -> Path:
                          "pull it again with `lever models pull --force`") from None
 
 
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache as the environment says *now* (huggingface_hub reads it once,
+    at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
 def _hf_cache(ref: ModelRef) -> Optional[Path]:
     """The snapshot in the Hugging Face cache, never a download."""
     try:
         from huggingface_hub import snapshot_download
 
-        path = snapshot_download(ref.name, revision=ref.revision, local_files_only=True,
+        path = snapshot_download(ref.name, revision=ref.revision, local_files_only=True, cache_dir=str(hf_cache_dir()),
                                  allow_patterns=list(ALLOW_PATTERNS))
     except Exception:  # not cached (LocalEntryNotFoundError and friends)
         return None
@@ -234,7 +243,8 @@ def _download(ref: ModelRef, dst: Path) -> None:
     from huggingface_hub import snapshot_download
 
     try:
-        snapshot_download(ref.name, revision=ref.revision, local_dir=str(dst), allow_patterns=list(ALLOW_PATTERNS))
+        snapshot_download(ref.name, revision=ref.revision, local_dir=str(dst), cache_dir=str(hf_cache_dir()),
+                          allow_patterns=list(ALLOW_PATTERNS))
     except Exception as exc:
         raise StageError(f"{ref.field}.name: cannot download {ref.name}@{ref.revision}: "
                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
