@@ -267,6 +267,12 @@ class InferConfig(Section):
     num_samples: int = Field(800, ge=1)
     shots: list[int] = [1, 2, 3, 4]
     shards: int = Field(1, ge=1)
+    units_per_pod: int = Field(
+        1, ge=1,
+        description="inference units (variant x shot x shard) one Argo pod runs in a row with one model load; "
+        "the cluster profile's value comes from `python -m lever.models.cost_model` (load vs compute per pod). "
+        "Not part of any key",
+    )
     pool: Literal["train", "retrieved"] = "train"
     retrieve_top_n: int = Field(64, ge=1)
     baselines: list[Literal["random", "retrieval", "v2"]] = ["random", "retrieval"]

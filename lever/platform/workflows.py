@@ -92,9 +92,10 @@ def _pass_through(names: Iterable[str] = PARAM_NAMES) -> dict[str, str]:
     return {n: _in(n) for n in names}
 
 
-# A fanned-out task gets one unit id per item from ``lever stage X --list-units`` (a JSON list of
-# ``Unit.id`` strings such as "shard0-of8" or "variantselector-shot1-shard0-of4") and selects it
-# with ``--unit-id``: ids, never data, so Argo's parameter size cap is never near.
+# A fanned-out task gets one pod group per item from ``lever stage X --list-units`` (a JSON list of
+# comma-joined ``Unit.id`` strings such as "shard0-of8" or, with ``infer.units_per_pod`` > 1,
+# "variantselector-shot1-shard0-of1,variantselector-shot2-shard0-of1") and runs it with
+# ``--unit-id``: ids, never data, so Argo's parameter size cap is never near.
 UNIT_PARAM = "unit-id"
 UNIT_FLAG = "--unit-id"
 LIST_FLAG = "--list-units"
