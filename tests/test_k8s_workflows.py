@@ -268,6 +268,8 @@ def test_render_set_validates_and_fills_the_overrides_parameter(shared):
     assert json.loads(_params(doc["spec"])["overrides"]) == ["lvlm.name=/models/my-qwen", "infer.shots=[1, 2]"]
     bad = _lever("render", "plan5", "--set", "lvlm.nmae=x")
     assert bad.returncode == 2 and "lvlm.nmae" in bad.stderr and not bad.stdout
+    url = _lever("render", "plan5", "--set", "data.root=s3://bucket/okvqa")  # data comes from the volume
+    assert url.returncode == 2 and "field 'data.root'" in url.stderr and "data volume" in url.stderr
 
 
 def test_stage_pods_apply_the_overrides_parameter(tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -28,7 +28,11 @@ class SyntheticSpec(Section):
 
 class DataConfig(Section):
     dataset: Literal["okvqa", "vqav2", "synthetic"] = "okvqa"
-    root: str = "data/okvqa"
+    root: str = Field(
+        "data/okvqa",
+        description="folder with the official question/annotation files and COCO image folders, as this "
+        "process mounts it (cluster: the read-only data volume, /data/okvqa); images are recorded relative to it",
+    )
     train_questions: str = "OpenEnded_mscoco_train2014_questions.json"
     train_annotations: str = "mscoco_train2014_annotations.json"
     train_images: str = "train2014"
@@ -38,6 +42,14 @@ class DataConfig(Section):
     max_train: Optional[int] = Field(None, ge=1, description="cap on the train split (first N in recorded order)")
     max_val: Optional[int] = Field(None, ge=1)
     synthetic: SyntheticSpec = SyntheticSpec()
+
+    @field_validator("root")
+    @classmethod
+    def _local_root(cls, root: str) -> str:
+        if "://" in root:
+            raise ValueError(f"{root!r}: the dataset is read from a mounted folder (the cluster's read-only "
+                             "data volume), not a URL; copy it there once (docs/kubernetes.md, Provisioning)")
+        return root
 
 
 class EncoderConfig(Section):
