@@ -332,3 +332,22 @@ def test_missing_image_files_are_named(hub, tmp_path):
     res = _lever("stage", "prepare-data", "--plan", "plan5", "--profile", "cluster", "--store", store, *args,
                  "--force", cwd=tmp_path)
     assert res.returncode == 2 and victim.name in res.stderr, res.stderr
+
+
+def test_model_revisions_are_in_the_keys_and_the_models_root_is_not():
+    """A different pinned revision is a different model: every unit that used it is rebuilt;
+    where the snapshot is read from (models.root) or how much image cache a process keeps is not
+    content, so those leave every key alone."""
+    from lever.config import load_plan
+    from lever.pipeline.hashing import plan_keys
+
+    base = plan_keys(load_plan("plan5", "cluster"))
+    lvlm_rev = plan_keys(load_plan("plan5", "cluster", ["lvlm.revision=" + "1" * 40]))
+    enc_rev = plan_keys(load_plan("plan5", "cluster", ["encoder.revision=" + "2" * 40]))
+    moved = plan_keys(load_plan("plan5", "cluster", ["models.root=s3://elsewhere/models", "lvlm.image_cache_mb=64"]))
+    assert moved.units == base.units
+    for stage in ("generate-beams", "generate-rl-data", "infer"):
+        assert lvlm_rev.stage_hash[stage] != base.stage_hash[stage], stage
+    assert lvlm_rev.stage_hash["export-embeddings"] == base.stage_hash["export-embeddings"]
+    assert enc_rev.stage_hash["export-embeddings"] != base.stage_hash["export-embeddings"]
+    assert enc_rev.stage_hash["prepare-data"] == base.stage_hash["prepare-data"]
