@@ -342,8 +342,8 @@ def test_model_revisions_are_in_the_keys_and_the_models_root_is_not():
     from lever.pipeline.hashing import plan_keys
 
     base = plan_keys(load_plan("plan5", "cluster"))
-    lvlm_rev = plan_keys(load_plan("plan5", "cluster", ["lvlm.revision=" + "1" * 40]))
-    enc_rev = plan_keys(load_plan("plan5", "cluster", ["encoder.revision=" + "2" * 40]))
+    lvlm_rev = plan_keys(load_plan("plan5", "cluster", ["lvlm.revision=" + "a" * 40]))
+    enc_rev = plan_keys(load_plan("plan5", "cluster", ["encoder.revision=" + "b" * 40]))
     moved = plan_keys(load_plan("plan5", "cluster", ["models.root=s3://elsewhere/models", "lvlm.image_cache_mb=64"]))
     assert moved.units == base.units
     for stage in ("generate-beams", "generate-rl-data", "infer"):
