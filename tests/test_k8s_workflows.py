@@ -499,3 +499,20 @@ def test_submit_without_server_is_a_user_error():
     env = {k: "" for k in ("ARGO_SERVER", "ARGO_TOKEN")}
     res = _lever("submit", "plan5", env=env)
     assert res.returncode == 2 and "ARGO_SERVER" in res.stderr
+
+
+@pytest.mark.filterwarnings("ignore:The `json` method is deprecated:DeprecationWarning")
+def test_submit_sends_validated_overrides():
+    from lever.cli.k8s import build_submission
+    from lever.config.loader import PlanError
+
+    session = _RecordingSession()
+    wf = build_submission("plan5", "cluster", host="https://argo.example:2746", token=None, namespace="ml",
+                          session=session, overrides=["models.root=s3://b/models", "infer.units_per_pod=4"])
+    wf.create()
+    (call,) = session.calls
+    params = {p["name"]: p["value"] for p in json.loads(call["data"])["workflow"]["spec"]["arguments"]["parameters"]}
+    assert json.loads(params["overrides"]) == ["models.root=s3://b/models", "infer.units_per_pod=4"]
+    with pytest.raises(PlanError, match="infer.units_per_pod"):
+        build_submission("plan5", "cluster", host="https://argo.example:2746", token=None, namespace="ml",
+                         session=_RecordingSession(), overrides=["infer.units_per_pod=0"])
