@@ -258,6 +258,15 @@ def test_snapshots_in_s3_are_pulled_verified_and_loaded(hub, tmp_path, monkeypat
         assert enc.encode_texts(["what color is the shape?"]).shape == (1, 32)
         with pytest.raises(StageError, match="not provisioned"):
             resolve(ModelRef("lvlm", QWEN, "0" * 40), models)
+        # a damaged object is caught by its sha256 on download, never loaded
+        from s3_server import client
+
+        key = f"lever-models/openai--clip-vit-base-patch32/{rev}/config.json"
+        body = client(endpoint).get_object(Bucket=bucket, Key=key)["Body"].read()
+        client(endpoint).put_object(Bucket=bucket, Key=key, Body=body.replace(b'"', b"'", 1))
+        shutil.rmtree(tmp_path / "cache" / "s3")
+        with pytest.raises(StageError, match="damaged"):
+            resolve(ref, models)
 
 
 # ------------------------------------------------------------------ the trial, end to end
