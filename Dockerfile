@@ -1,12 +1,14 @@
 # syntax=docker/dockerfile:1.7
 # Lever GPU image: every `lever stage ...` pod of the Argo pipeline runs this.
 #
-# Pinned: the CUDA base tag, the uv binary (which supplies a pinned CPython 3.11 on Ubuntu 22.04),
-# torch from the CUDA wheel index, every other dependency from requirements.lock.
+# Pinned: the CUDA base tag, the uv binary (which supplies a pinned CPython 3.11 on Ubuntu 22.04), and
+# every Python package, transitive ones included, from requirements-cuda.lock (torch's CUDA 13.0 build
+# from PyPI with the NVIDIA runtime wheels it loads), installed with --no-deps and checked.
+# No torchvision: the Qwen2.5-VL processor is built without its video processor (lever.models.pretrained).
 # No credentials: S3 keys arrive at run time from a Kubernetes Secret (env), never at build time.
 # Build:  docker build -t ghcr.io/lever-ml/lever:0.1.0 .
 
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu22.04
 ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.9.5
 
 FROM ${UV_IMAGE} AS uv
@@ -14,7 +16,6 @@ FROM ${UV_IMAGE} AS uv
 FROM ${CUDA_IMAGE} AS runtime
 ARG PYTHON_VERSION=3.11.14
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 ARG LEVER_UID=10001
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -37,11 +38,12 @@ RUN apt-get update \
 COPY --from=uv /uv /usr/local/bin/uv
 
 # Interpreter and dependencies first (a code change does not reinstall torch).
-COPY requirements.lock /tmp/build/requirements.lock
+COPY requirements-cuda.lock /tmp/build/requirements-cuda.lock
 RUN uv python install ${PYTHON_VERSION} \
  && uv venv --python ${PYTHON_VERSION} ${VIRTUAL_ENV} \
- && uv pip install --python ${VIRTUAL_ENV}/bin/python --index-url ${TORCH_INDEX} "torch==${TORCH_VERSION}" \
- && uv pip install --python ${VIRTUAL_ENV}/bin/python -r /tmp/build/requirements.lock \
+ && uv pip install --python ${VIRTUAL_ENV}/bin/python --no-deps -r /tmp/build/requirements-cuda.lock \
+ && grep -qx "torch==${TORCH_VERSION}" /tmp/build/requirements-cuda.lock \
+ && uv pip check --python ${VIRTUAL_ENV}/bin/python \
  && rm -rf /tmp/build
 
 COPY pyproject.toml /src/pyproject.toml

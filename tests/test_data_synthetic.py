@@ -171,7 +171,8 @@ def test_prepare_data_official_missing_root(tmp_path: Path) -> None:
 
 
 def test_prepare_data_official_layout(synth: SyntheticLayout, tmp_path: Path) -> None:
-    """An OKVQA-style folder (root + official file names) indexes with absolute image paths."""
+    """An OKVQA-style folder (root + official file names) indexes with image paths relative to
+    data.root, which every reader resolves against its own mount of the data."""
     import shutil
 
     root = tmp_path / "okvqa"
@@ -185,8 +186,12 @@ def test_prepare_data_official_layout(synth: SyntheticLayout, tmp_path: Path) ->
     plan = load_plan("baseline", "tiny", ["data.dataset=okvqa", f"data.root={root}"])
     prepare_data(_ctx(plan, tmp_path / "out"))
     doc = json.loads((tmp_path / "out" / "dataset.json").read_text())
-    assert doc["name"] == "okvqa" and Path(doc["splits"]["train"][0]["image"]).is_absolute()
-    assert len(load_index(tmp_path / "out", check_images=True).train) == 30
+    assert doc["name"] == "okvqa" and doc["image_base"] == "data.root"
+    assert doc["splits"]["train"][0]["image"].startswith("train2014/")
+    assert len(load_index(tmp_path / "out", check_images=True, data_root=root).train) == 30
+    moved = tmp_path / "mounted-elsewhere"
+    root.rename(moved)
+    assert load_index(tmp_path / "out", check_images=True, data_root=moved).train[0].image_path.parent == moved / "train2014"
 
 
 def test_load_index_rejects_bad_files(tmp_path: Path) -> None:

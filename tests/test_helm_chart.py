@@ -137,10 +137,16 @@ def test_values_schema_is_closed():
     assert set(values) <= set(schema["properties"])
 
 
+def _named(out: dict[str, str], kind: str, name: str) -> dict:
+    (doc,) = [d for d in _by_kind(out, kind) if d["metadata"]["name"] == name]
+    return doc
+
+
 def test_default_render_is_the_hera_output(rendered):
     """fromYaml/toYaml in the chart must not change the Hera document (numbers, Argo {{...}})."""
-    for kind, built in (("WorkflowTemplate", render.pipeline_template()), ("CronWorkflow", render.nightly_cron())):
-        (doc,) = _by_kind(rendered["default"], kind)
+    for kind, built in (("WorkflowTemplate", render.pipeline_template()), ("CronWorkflow", render.nightly_cron()),
+                        ("WorkflowTemplate", render.models_pull_template())):
+        doc = _named(rendered["default"], kind, built.name)
         expected = built.to_dict()
         assert doc["metadata"].pop("namespace") == NAMESPACE
         for k, v in expected["metadata"]["labels"].items():
@@ -151,9 +157,10 @@ def test_default_render_is_the_hera_output(rendered):
 
 def test_production_values_reach_the_pods(rendered):
     v = _values("production")
-    (wt,) = _by_kind(rendered["production"], "WorkflowTemplate")
+    wt = _named(rendered["production"], "WorkflowTemplate", "lever-pipeline")
     (cron,) = _by_kind(rendered["production"], "CronWorkflow")
     params = {p["name"]: p["value"] for p in wt["spec"]["arguments"]["parameters"]}
+    assert params["data-pvc"] == v["data"]["pvc"] and params["models-pvc"] == v["models"]["pvc"]
     assert params["image"] == f"{v['image']['repository']}@{v['image']['digest']}"
     assert params["slim-image"] == f"{v['slimImage']['repository']}:{v['slimImage']['tag']}"
     assert params["store"] == v["store"] and params["pushgateway"] == v["pushgatewayUrl"]
@@ -170,7 +177,7 @@ def test_production_values_reach_the_pods(rendered):
                 continue
             assert t["serviceAccountName"] == v["serviceAccount"]["name"]
             refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in t["container"]["env"] if "valueFrom" in e}
-            assert refs == {v["s3"]["secretName"]}
+            assert refs == {v["s3"]["secretName"]}  # no HF token outside the models-pull job
             limits = t["container"]["resources"].get("limits", {})
             if t.get("metadata", {}).get("labels", {}).get("lever.dev/gpu") == "true":
                 n_gpu += 1
@@ -247,3 +254,48 @@ def test_missing_generated_file_fails_loudly(tmp_path):
     broken = helm_python.Chart.load(str(dst))
     with pytest.raises(helm_python.HelmRenderError, match="render_workflows"):
         broken.render({}, name="lever", namespace=NAMESPACE)
+
+
+def _pod_templates(doc: dict) -> dict[str, dict]:
+    return {t["name"]: t for t in _templates(doc) if "container" in t}
+
+
+def test_models_pull_job_gets_the_volume_writable_and_the_hf_secret(rendered):
+    v = _values("production")
+    pull = _named(rendered["production"], "WorkflowTemplate", "lever-models-pull")
+    params = {p["name"]: p["value"] for p in pull["spec"]["arguments"]["parameters"]}
+    assert params["models-pvc"] == v["models"]["pvc"] and params["plan"] == v["modelsPull"]["plan"]
+    (t,) = _pod_templates(pull).values()
+    env = {e["name"]: e for e in t["container"]["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": v["modelsPull"]["hfSecretName"], "key": "HF_TOKEN",
+                                                            "optional": True}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == v["s3"]["secretName"]
+    assert "HF_HUB_OFFLINE" not in env  # the one pod that may reach the hub
+    (vol,) = [x for x in t["volumes"] if x["name"] == "models"]
+    assert vol["persistentVolumeClaim"] == {"claimName": "{{inputs.parameters.models-pvc}}", "readOnly": False}
+
+
+def test_an_empty_claim_drops_its_volume_and_mounts(rendered, shared):
+    """minimal-values: models on S3 (models.pvc empty): no pod mounts a model volume, the data
+    volume stays, and every document still passes the closed Argo schemas."""
+    wt = _named(rendered["minimal"], "WorkflowTemplate", "lever-pipeline")
+    with_data = 0
+    for name, t in _pod_templates(wt).items():
+        assert "models" not in {x["name"] for x in t["volumes"]}, name
+        assert "models" not in {m["name"] for m in t["container"]["volumeMounts"]}, name
+        with_data += "data" in {x["name"] for x in t["volumes"]}
+    assert with_data >= 5  # prepare-data, export-embeddings, beams, rl-data, infer
+    for version in ("v4.1.2", "v3.7.18"):
+        assert validation.validate_argo(wt, shared, version) == []
+    full = _named(rendered["default"], "WorkflowTemplate", "lever-pipeline")
+    assert any("models" in {x["name"] for x in t["volumes"]} for t in _pod_templates(full).values())
+
+
+@pytest.mark.parametrize("bad", [
+    {"data": {"pvc": "Bad_Claim"}},
+    {"models": {"pvc": "x", "size": "1Gi"}},
+    {"modelsPull": {"enabled": True, "plan": "plan 5"}},
+])
+def test_bad_provisioning_values_are_rejected(chart, bad):
+    with pytest.raises(helm_python.HelmValuesError):
+        chart.validate_schema({**_values("default"), **bad})

@@ -22,13 +22,13 @@ def scripts() -> dict[str, str]:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 
 
-def _lock() -> dict[str, str]:
+def _lock(name: str = "requirements.lock") -> dict[str, str]:
     pins = {}
-    for line in (ROOT / "requirements.lock").read_text().splitlines():
+    for line in (ROOT / name).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             name, _, version = line.partition("==")
-            pins[name.lower()] = version
+            pins[name.lower().replace("_", "-")] = version
     return pins
 
 
@@ -49,15 +49,22 @@ def test_entrypoint_is_the_lever_console_script(scripts):
         assert ep == ["lever"]
 
 
-def test_gpu_image_is_cuda_and_installs_the_locked_torch():
+def test_gpu_image_is_cuda_and_installs_the_complete_cuda_lock():
+    """The GPU image installs requirements-cuda.lock with --no-deps and checks it: the CPU lock's
+    pins plus torch's CUDA build and the NVIDIA wheels it loads (no torchvision: not needed)."""
     df = dfm.load(DOCKERFILES["gpu"])
     assert df.final.base.startswith("nvidia/cuda:") and "runtime" in df.final.base
     args = df.final.args
     assert args["TORCH_VERSION"] == _lock()["torch"]
-    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", args["TORCH_INDEX"])
     assert args["PYTHON_VERSION"].startswith("3.11.")
     runs = " ".join(i.args for i in df.final.all("RUN"))
-    assert "requirements.lock" in runs and '"torch==${TORCH_VERSION}"' in runs
+    assert "--no-deps -r /tmp/build/requirements-cuda.lock" in runs and "pip check" in runs
+    cuda = _lock("requirements-cuda.lock")
+    cpu = _lock()
+    assert cuda["torch"] == cpu["torch"] and "torchvision" not in cuda
+    assert {k: v for k, v in cuda.items() if k in cpu} == cpu  # the same pins for everything the CPU lock has
+    assert {"triton", "nvidia-cudnn-cu13", "nvidia-nccl-cu13", "nvidia-cublas", "cuda-toolkit"} <= set(cuda)
+    assert df.final.base.split(":")[1].startswith("13.0")  # the CUDA major the wheels are built for
 
 
 def test_slim_image_is_cpu_only():
@@ -69,11 +76,35 @@ def test_slim_image_is_cpu_only():
 
 
 def test_lock_pins_every_dependency():
-    text = (ROOT / "requirements.lock").read_text()
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            assert re.fullmatch(r"[A-Za-z0-9_.\[\]-]+==[0-9][0-9A-Za-z.+-]*", line), line
+    for name in ("requirements.lock", "requirements-test.lock"):
+        text = (ROOT / name).read_text()
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                assert re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][0-9A-Za-z.+-]*", line), (name, line)
+
+
+def test_locks_are_complete():
+    """Every installed distribution's requirements (this environment was installed from the locks
+    with --no-deps) are themselves pinned in a lock: nothing reaches the install unpinned."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    pinned = {**_lock(), **_lock("requirements-test.lock")}
+    missing = []
+    for name in [*pinned, "lever"]:
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue
+        for req in dist.requires or []:
+            r = Requirement(req)
+            if r.marker is not None and not r.marker.evaluate({"extra": ""}):
+                continue
+            if r.name.lower().replace("_", "-") not in pinned:
+                missing.append(f"{name} -> {r.name}")
+    assert missing == []
 
 
 def _ignored(rel: str, patterns: list[str]) -> bool:
@@ -90,7 +121,8 @@ def _ignored(rel: str, patterns: list[str]) -> bool:
 
 def test_build_context_is_tight():
     patterns = [l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")]
-    for needed in ("pyproject.toml", "requirements.lock", "lever/cli/__init__.py", "lever/config/presets/plan5.yaml"):
+    for needed in ("pyproject.toml", "requirements.lock", "requirements-cuda.lock", "lever/cli/__init__.py",
+                   "lever/config/presets/plan5.yaml"):
         assert not _ignored(needed, patterns), needed
     for kept_out in (".git/config", "tests/test_k8s_workflows.py", "workflows/plan5.yaml", "helm/lever/values.yaml",
                      ".venv/bin/python", "lever-store/x", "lever/cli/__pycache__/app.cpython-311.pyc",

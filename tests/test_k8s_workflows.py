@@ -108,7 +108,11 @@ def test_list_units_output_feeds_with_param(tmp_path):
         assert res.returncode == 0, res.stderr
         items = json.loads(res.stdout)
         assert items and all(isinstance(i, str) for i in items)
-        assert items == [u.id for u in stage(name).units(load_plan("plan5", "cluster"))]
+        # one item per pod: a comma-joined group of unit ids covering every unit once, in order
+        plan = load_plan("plan5", "cluster")
+        assert [uid for item in items for uid in item.split(",")] == [u.id for u in stage(name).units(plan)]
+        if name == "infer":
+            assert len(items) == -(-len(stage(name).units(plan)) // plan.infer.units_per_pod)
         assert len(res.stdout) < 64 * 1024  # far below Argo's parameter cap
 
 
@@ -209,6 +213,95 @@ def test_pods_are_locked_down_and_reference_the_secret(template, cron):
             assert t["serviceAccountName"] == render.cluster_platform().service_account
 
 
+def test_pods_that_read_data_or_models_mount_the_provisioned_volumes_offline(template, cron):
+    """Stages that read the dataset or load a pretrained model mount the data volume and the model
+    snapshots read-only (claims from parameters); every pod runs with the hub offline switches,
+    so nothing downloads a model behind the operator's back."""
+    from lever.platform.workflows import reads_provisioned_inputs
+
+    tmpl = _templates(template)
+    readers = {s.name for s in STAGES if reads_provisioned_inputs(s)}
+    assert readers == {"prepare-data", "export-embeddings", "generate-beams", "generate-rl-data", "infer"}
+    for st in STAGES:
+        t = tmpl[stage_template_name(st)]
+        vols = {v["name"]: v for v in t["volumes"]}
+        mounts = {m["name"]: m for m in t["container"]["volumeMounts"]}
+        if st.name in readers:
+            assert vols["data"]["persistentVolumeClaim"] == {"claimName": "{{inputs.parameters.data-pvc}}",
+                                                             "readOnly": True}
+            assert vols["models"]["persistentVolumeClaim"]["claimName"] == "{{inputs.parameters.models-pvc}}"
+            assert mounts["data"] == {"name": "data", "mountPath": "/data", "readOnly": True}
+            assert mounts["models"] == {"name": "models", "mountPath": "/models", "readOnly": True}
+        else:
+            assert "data" not in vols and "models" not in vols, st.name
+    plan = load_plan(render.recommended_plan(), "cluster")
+    assert plan.data.root.startswith("/data/") and plan.models.root == "/models"
+    for doc in (template, cron):
+        for name, t in _templates(doc).items():
+            if "container" in t:
+                env = {e["name"]: e.get("value") for e in t["container"]["env"]}
+                assert env["HF_HUB_OFFLINE"] == "1" and env["TRANSFORMERS_OFFLINE"] == "1", name
+
+
+def test_overrides_reach_every_pod_and_the_baseline_gets_its_share(template, cron):
+    params = _params(template["spec"])
+    assert params["overrides"] == "[]" and params["data-pvc"] and params["models-pvc"]
+    for doc in (template, cron):
+        for name, t in _templates(doc).items():
+            if "container" not in t:
+                continue
+            a = t["container"]["args"]
+            assert a[a.index("--overrides") + 1] == "{{inputs.parameters.overrides}}", name
+            if a[0] == "stage":
+                assert a[a.index("--overrides-role") + 1] == "{{inputs.parameters.role}}", name
+    entry = _tasks(template, template["spec"]["entrypoint"])
+    assert _params(entry["baseline"])["role"] == "baseline" and _params(entry[PIPELINE])["role"] == "plan"
+    nightly = _tasks(cron, cron["spec"]["workflowSpec"]["entrypoint"])
+    assert _params(nightly["baseline"])["role"] == "baseline" and _params(nightly["candidate"])["role"] == "plan"
+
+
+def test_render_set_validates_and_fills_the_overrides_parameter(shared):
+    res = _lever("render", "plan5", "--set", "lvlm.name=/models/my-qwen", "--set", "infer.shots=[1, 2]")
+    assert res.returncode == 0, res.stderr
+    (doc,) = validation.load_documents(res.stdout)
+    assert validation.validate_argo(doc, shared) == []
+    assert json.loads(_params(doc["spec"])["overrides"]) == ["lvlm.name=/models/my-qwen", "infer.shots=[1, 2]"]
+    bad = _lever("render", "plan5", "--set", "lvlm.nmae=x")
+    assert bad.returncode == 2 and "lvlm.nmae" in bad.stderr and not bad.stdout
+    url = _lever("render", "plan5", "--set", "data.root=s3://bucket/okvqa")  # data comes from the volume
+    assert url.returncode == 2 and "field 'data.root'" in url.stderr and "data volume" in url.stderr
+
+
+def test_stage_pods_apply_the_overrides_parameter(tmp_path):
+    """What a pod runs: --overrides (JSON) changes the plan the stage sees; role baseline keeps only
+    the overrides a baseline shares, so its keys match what the plan's summarizer looks up."""
+    ov = json.dumps(["infer.shards=3", "grpo.kl_beta=0.05"])
+    res = _lever("stage", "infer", "--plan", "plan5", "--profile", "cluster", "--overrides", ov, LIST_FLAG)
+    assert res.returncode == 0, res.stderr
+    assert all(i.endswith("-of3") for i in json.loads(res.stdout))
+    from lever.cli.pipeline import _all_overrides
+
+    assert _all_overrides([], ov, "baseline") == ["infer.shards=3"]
+    assert _all_overrides(["seed=1"], ov, "plan") == ["seed=1", "infer.shards=3", "grpo.kl_beta=0.05"]
+    bad = _lever("stage", "infer", "--plan", "plan5", "--overrides", "lvlm.name=x", LIST_FLAG)
+    assert bad.returncode == 2 and "JSON list" in bad.stderr
+
+
+def test_models_pull_template_writes_the_volume_online(files, shared):
+    (doc,) = validation.load_documents(files["workflows/lever-models-pull-template.yaml"])
+    for version in ("v4.1.2", "v3.7.18"):
+        assert validation.validate_argo(doc, shared, version) == []
+    (pull,) = [t for t in _templates(doc).values() if "container" in t]
+    args = pull["container"]["args"]
+    assert args[:2] == ["models", "pull"] and args[args.index("--to") + 1] == "{{inputs.parameters.to}}"
+    env = {e["name"] for e in pull["container"]["env"]}
+    assert "HF_HUB_OFFLINE" not in env and "HF_TOKEN" in env
+    (vol,) = [v for v in pull["volumes"] if v["name"] == "models"]
+    assert vol["persistentVolumeClaim"]["readOnly"] is False
+    assert _params(doc["spec"])["to"] == "/models"
+    assert pull["retryStrategy"]["expression"] == RETRY_EXPRESSION  # exit 2 (not provisionable) never retried
+
+
 def test_exit_handler_always_runs_partial_summary(template):
     spec = template["spec"]
     handler = _templates(template)[spec["onExit"]]
@@ -281,7 +374,7 @@ def test_nightly_cron_runs_recommended_plan_against_baseline(cron):
 @pytest.mark.parametrize("version", ["v4.1.2", "v3.7.18"])
 def test_committed_manifests_pass_closed_argo_schema(shared, version):
     paths = sorted((ROOT / "workflows").glob("*.yaml"))
-    assert len(paths) == len(list_plans()) + 2
+    assert len(paths) == len(list_plans()) + 3  # + pipeline template, models-pull template, nightly cron
     for path in paths:
         for doc in validation.load_documents(path.read_text()):
             assert validation.validate_argo(doc, shared, version) == [], path.name
@@ -406,3 +499,20 @@ def test_submit_without_server_is_a_user_error():
     env = {k: "" for k in ("ARGO_SERVER", "ARGO_TOKEN")}
     res = _lever("submit", "plan5", env=env)
     assert res.returncode == 2 and "ARGO_SERVER" in res.stderr
+
+
+@pytest.mark.filterwarnings("ignore:The `json` method is deprecated:DeprecationWarning")
+def test_submit_sends_validated_overrides():
+    from lever.cli.k8s import build_submission
+    from lever.config.loader import PlanError
+
+    session = _RecordingSession()
+    wf = build_submission("plan5", "cluster", host="https://argo.example:2746", token=None, namespace="ml",
+                          session=session, overrides=["models.root=s3://b/models", "infer.units_per_pod=4"])
+    wf.create()
+    (call,) = session.calls
+    params = {p["name"]: p["value"] for p in json.loads(call["data"])["workflow"]["spec"]["arguments"]["parameters"]}
+    assert json.loads(params["overrides"]) == ["models.root=s3://b/models", "infer.units_per_pod=4"]
+    with pytest.raises(PlanError, match="infer.units_per_pod"):
+        build_submission("plan5", "cluster", host="https://argo.example:2746", token=None, namespace="ml",
+                         session=_RecordingSession(), overrides=["infer.units_per_pod=0"])

@@ -43,3 +43,41 @@ def test_rl_and_infer_costs_are_consistent():
     assert [r.plain_images for r in infer] == [2, 3, 4, 5]
     assert all(r.plain_tokens == r.fast_tokens for r in infer)  # batching changes throughput, not tokens
     assert all(r.plain_tokens > r.fast_tokens for r in rows if r.stage != "infer")
+
+
+def test_cluster_fanout_is_the_cost_models_choice_and_keeps_loading_small():
+    """The cluster profile's shards and units per pod are what the cost model suggests (so they
+    cannot drift from it silently), and with them no LVLM stage spends more of a pod's time
+    loading than the old fan-out did (48 infer pods, each ~90% load)."""
+    from lever.config import load_plan
+    from lever.models.cost_model import PodAssumptions, pod_table, suggest_fanout
+
+    plan = load_plan("plan5", "cluster")
+    chosen = {"beam.shards": plan.beam.shards, "rl_data.shards": plan.rl_data.shards,
+              "infer.shards": plan.infer.shards, "infer.units_per_pod": plan.infer.units_per_pod}
+    assert chosen == suggest_fanout(plan)
+    old = load_plan("plan5", "cluster", ["beam.shards=8", "rl_data.shards=8", "infer.shards=4", "infer.units_per_pod=1"])
+    new_rows = {r.stage: r for r in pod_table(plan)}
+    old_rows = {r.stage: r for r in pod_table(old)}
+    assert old_rows["infer"].pods == 48 and old_rows["infer"].share > 0.8
+    assert new_rows["infer"].pods == 1 and new_rows["infer"].share < old_rows["infer"].share / 2
+    A = PodAssumptions()
+    for stage in ("generate-beams", "generate-rl-data"):
+        assert new_rows[stage].share <= A.target_share + 1e-9, stage
+        assert new_rows[stage].pods <= A.max_pods
+    # the rule itself: a slower model volume means fewer, longer pods
+    slow = suggest_fanout(plan, A=PodAssumptions(read_gb_s=0.05))
+    assert slow["rl_data.shards"] < chosen["rl_data.shards"]
+
+
+def test_infer_units_per_pod_groups_units_without_changing_keys():
+    from lever.config import load_plan
+    from lever.pipeline.graph import pod_groups, stage
+    from lever.pipeline.hashing import plan_keys
+
+    a = load_plan("plan5", "cluster")
+    b = load_plan("plan5", "cluster", ["infer.units_per_pod=5"])
+    groups = pod_groups(stage("infer"), b)
+    assert [len(g) for g in groups] == [5, 5, 2]
+    assert [u for g in groups for u in g] == stage("infer").units(b)
+    assert plan_keys(a).units["infer"] == plan_keys(b).units["infer"]  # how pods are cut is not content

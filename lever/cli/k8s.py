@@ -34,6 +34,8 @@ def _fail(msg: str, code: int = 2) -> SystemExit:
 def render_cmd(
     plan: Optional[str] = typer.Argument(None, help="plan to render a Workflow for (omit with --all)"),
     profile: str = typer.Option("cluster", "--profile", "-p", help="profile the pods run the plan with"),
+    set_: list[str] = typer.Option([], "--set", help="config override KEY=VALUE for every pod (repeatable); "
+                                   "validated against the plan schema, sent as the 'overrides' parameter"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write to FILE instead of stdout"),
     all_: bool = typer.Option(False, "--all", help="write every generated file (workflows/ and the chart's files/)"),
     out: Path = typer.Option(Path("workflows"), "--out", help="with --all: directory for the Workflow files"),
@@ -44,8 +46,8 @@ def render_cmd(
     from lever.platform import render
 
     if all_:
-        if plan is not None:
-            raise _fail("give either PLAN or --all, not both")
+        if plan is not None or set_:
+            raise _fail("give either PLAN (with --set) or --all, not both")
         chart_dir = chart if chart is not None else out.resolve().parent / "helm" / "lever"
         written = render.write_all(out, chart_dir)
         for p in written:
@@ -54,7 +56,7 @@ def render_cmd(
     if plan is None:
         raise _fail("missing PLAN (or --all)")
     try:
-        wf = render.plan_workflow(plan, profile)
+        wf = render.plan_workflow(plan, profile, set_)
     except PlanError as exc:
         raise _fail(str(exc)) from None
     text = render.HEADER + render.to_yaml(wf) if output else render.to_yaml(wf)
@@ -66,14 +68,14 @@ def render_cmd(
 
 
 def build_submission(plan: str, profile: str, *, host: str, token: Optional[str], namespace: str,
-                     verify_ssl: bool = True, session: Any = None):
+                     verify_ssl: bool = True, session: Any = None, overrides: Optional[list[str]] = None):
     """The Hera ``Workflow`` bound to a ``WorkflowsService``; separated from ``submit`` so the
     request can be built and inspected without a server."""
     from hera.workflows import WorkflowsService
 
     from lever.platform import render
 
-    wf = render.plan_workflow(plan, profile)
+    wf = render.plan_workflow(plan, profile, overrides or [])
     wf.namespace = namespace
     wf.workflows_service = WorkflowsService(host=host, token=token, namespace=namespace,
                                             verify_ssl=verify_ssl, session=session)
@@ -84,6 +86,8 @@ def build_submission(plan: str, profile: str, *, host: str, token: Optional[str]
 def submit_cmd(
     plan: str = typer.Argument(..., help="plan to run on the cluster"),
     profile: str = typer.Option("cluster", "--profile", "-p"),
+    set_: list[str] = typer.Option([], "--set", help="config override KEY=VALUE for every pod (repeatable); "
+                                   "validated against the plan schema before submission"),
     namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help=f"default ${ENV_NAMESPACE} or the platform namespace"),
     server: Optional[str] = typer.Option(None, "--server", help=f"Argo server URL (default ${ENV_SERVER})"),
 ) -> None:
@@ -99,7 +103,8 @@ def submit_cmd(
     ns = namespace or os.environ.get(ENV_NAMESPACE) or render.cluster_platform().namespace
     verify = os.environ.get(ENV_INSECURE, "").lower() not in ("1", "true", "yes")
     try:
-        wf = build_submission(plan, profile, host=host, token=os.environ.get(ENV_TOKEN), namespace=ns, verify_ssl=verify)
+        wf = build_submission(plan, profile, host=host, token=os.environ.get(ENV_TOKEN), namespace=ns, verify_ssl=verify,
+                              overrides=set_)
     except PlanError as exc:
         raise _fail(str(exc)) from None
     try:
@@ -111,7 +116,8 @@ def submit_cmd(
     typer.echo(wf.workflows_service.get_workflow_link(name))
 
 
-def _load_report(report: Optional[Path], store: Optional[str], plan: str, baseline: str, profile: str) -> dict:
+def _load_report(report: Optional[Path], store: Optional[str], plan: str, baseline: str, profile: str,
+                 overrides: Optional[list[str]] = None) -> dict:
     """The plan's report.json: an explicit file, or the summarize artifact of (plan, baseline)
     located in the store by its content key (computed from the configs, as the runner does)."""
     if report is not None:
@@ -128,7 +134,11 @@ def _load_report(report: Optional[Path], store: Optional[str], plan: str, baseli
     from lever.pipeline.runner import Pipeline
     from lever.pipeline.store import CorruptArtifact, open_store
 
-    pipe = Pipeline(load_plan(plan, profile), open_store(store), baseline=load_plan(baseline, profile))
+    from lever.pipeline.runner import baseline_overrides
+
+    ov = list(overrides or [])
+    pipe = Pipeline(load_plan(plan, profile, ov), open_store(store),
+                    baseline=load_plan(baseline, profile, baseline_overrides(ov)))
     stage = next((s.name for s in STAGES if getattr(s, "with_baseline", False)), "summarize")
     unit = pipe.select_units(stage)[0]
     key = pipe.key(stage, unit)
@@ -154,21 +164,26 @@ def regress_cmd(
     profile: str = typer.Option("cluster", "--profile", "-p"),
     run_id: str = typer.Option("", "--run-id", help="labels the pushed gauges"),
     pushgateway: Optional[str] = typer.Option(None, "--pushgateway", help="default $LEVER_PUSHGATEWAY_URL; empty = no push"),
+    set_: list[str] = typer.Option([], "--set", help="config override KEY=VALUE (repeatable)"),
+    overrides: str = typer.Option("", "--overrides", help="JSON list of KEY=VALUE overrides (the Argo 'overrides' parameter)"),
 ) -> None:
     """Fail (exit 1) when any shot of PLAN's report is below BASELINE by more than MARGIN, judged
     with the report's confidence intervals (the same verdict as the report's regression section);
     push ``lever_nightly_regression`` per shot, the only producer of the nightly gauges."""
     from lever.report.regression import RULES, ReportFormatError, judge, push_gauges
 
+    from lever.config.loader import parse_overrides
+
     if rule is not None and rule not in RULES:
         raise _fail(f"--rule must be one of {', '.join(RULES)}")
+    ov = [*set_, *parse_overrides(overrides)]  # PlanError -> exit 2 (lever.cli.main)
     if rule is None or margin is None:
         from lever.config import load_plan
 
-        alerts = load_plan(plan, profile).alerts  # PlanError -> exit 2 (lever.cli.main)
+        alerts = load_plan(plan, profile, ov).alerts
         rule = alerts.regression_rule if rule is None else rule
         margin = alerts.regression_margin if margin is None else margin
-    data = _load_report(report, store, plan, baseline, profile)
+    data = _load_report(report, store, plan, baseline, profile, ov)
     try:
         verdict = judge(data, plan=plan, baseline=baseline, margin=margin, rule=rule)
     except (ReportFormatError, ValueError) as exc:

@@ -46,6 +46,22 @@ def _pipeline(plan: str, profile: Optional[str], set_: list[str], store: Optiona
     return Pipeline(cfg, _open(store), baseline=base, run_id=run_id)
 
 
+OVERRIDES_HELP = "JSON list of KEY=VALUE overrides (the Argo 'overrides' parameter), applied after --set"
+ROLE_HELP = ("plan | baseline: as 'baseline' (the pipeline run as another plan's baseline) only the overrides "
+             "a baseline shares are applied, as `lever run` does")
+
+
+def _all_overrides(set_: list[str], overrides: str, role: str) -> list[str]:
+    """--set plus the --overrides JSON list; for ``role`` baseline only what a baseline shares."""
+    from lever.config.loader import PlanError, parse_overrides
+    from lever.pipeline.runner import baseline_overrides
+
+    out = [*set_, *parse_overrides(overrides)]
+    if role not in ("plan", "baseline"):
+        raise PlanError(f"--overrides-role must be plan or baseline, got {role!r}")
+    return baseline_overrides(out) if role == "baseline" else out
+
+
 def _parse_units(specs: list[str]) -> dict[str, str]:
     from lever.pipeline.context import StageError
 
@@ -57,6 +73,15 @@ def _parse_units(specs: list[str]) -> dict[str, str]:
             k, v = part.split("=", 1)
             out[k.strip()] = v.strip()
     return out
+
+
+def _select(pipe, name: str, unit_id: Optional[str], filters: dict[str, str]):
+    """Units named by ``--unit-id`` (one id, or a pod's comma-joined group) and ``--unit`` filters."""
+    from lever.pipeline.graph import UNIT_ID_SEP
+
+    if unit_id is None or UNIT_ID_SEP not in unit_id:
+        return pipe.select_units(name, unit_id, filters)
+    return [u for uid in unit_id.split(UNIT_ID_SEP) for u in pipe.select_units(name, uid.strip(), filters)]
 
 
 def _store_failure(exc: Exception) -> None:
@@ -72,9 +97,13 @@ def stage_cmd(
     set_: list[str] = typer.Option([], "--set", help="config override KEY=VALUE (repeatable)"),
     store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
     unit: list[str] = typer.Option([], "--unit", help="unit filter KEY=VALUE, e.g. shot=2 (repeatable)"),
-    unit_id: Optional[str] = typer.Option(None, "--unit-id", help="exact unit id as printed by --list-units"),
+    overrides: str = typer.Option("", "--overrides", help=OVERRIDES_HELP),
+    overrides_role: str = typer.Option("plan", "--overrides-role", help=ROLE_HELP),
+    unit_id: Optional[str] = typer.Option(None, "--unit-id", help="exact unit id(s) as printed by --list-units "
+                                          "(comma-separated: one pod's group, run in a row with one model load)"),
     shard: Optional[int] = typer.Option(None, "--shard", help="shorthand for --unit shard=I"),
-    list_units: bool = typer.Option(False, "--list-units", help="print the unit ids as a JSON list and exit"),
+    list_units: bool = typer.Option(False, "--list-units", help="print the units as a JSON list of pod groups "
+                                    "(comma-joined unit ids; Argo's withParam) and exit"),
     run_id: Optional[str] = typer.Option(None, "--run-id", help="groups telemetry and run records"),
     force: bool = typer.Option(False, "--force", help="rebuild even if the artifact exists"),
     fresh: bool = typer.Option(False, "--fresh", help="drop any staging left by a killed attempt"),
@@ -86,11 +115,13 @@ def stage_cmd(
     from lever.pipeline.store import StoreError
 
     _setup_logging(verbose)
+    set_ = _all_overrides(set_, overrides, overrides_role)
     filters = _parse_units(unit)
     if shard is not None:
         filters["shard"] = str(shard)
     if list_units:
         from lever.config import load_plan
+        from lever.pipeline.graph import UNIT_ID_SEP, pod_groups
         from lever.pipeline.graph import stage as get_stage
 
         cfg = load_plan(plan, profile, set_)
@@ -100,7 +131,7 @@ def stage_cmd(
             from lever.pipeline.context import StageError
 
             raise StageError(str(exc.args[0])) from None
-        typer.echo(json.dumps([u.id for u in st.units(cfg)]))
+        typer.echo(json.dumps([UNIT_ID_SEP.join(u.id for u in g) for g in pod_groups(st, cfg)]))
         return
     try:
         pipe = _pipeline(plan, profile, set_, store, run_id)
@@ -108,7 +139,7 @@ def stage_cmd(
             r = pipe.run_partial(name, unit=pipe.select_units(name, unit_id, filters)[0])
             results = [r]
         else:
-            units = pipe.select_units(name, unit_id, filters)
+            units = _select(pipe, name, unit_id, filters)
             results = pipe.run_stage(name, units, jobs=jobs, force=force, fresh=fresh)
     except StoreError as exc:
         _store_failure(exc)

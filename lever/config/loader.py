@@ -138,6 +138,32 @@ def _set_override(spec: str) -> dict:
     return out
 
 
+def parse_overrides(text: str) -> list[str]:
+    """The ``overrides`` workflow parameter: a JSON list of ``KEY=VALUE`` strings (empty = none).
+
+    JSON because one Argo parameter becomes one container argument, and values may themselves
+    hold spaces, commas or brackets (``infer.shots=[1, 2]``)."""
+    import json
+
+    text = (text or "").strip()
+    if not text:
+        return []
+    try:
+        items = json.loads(text)
+    except ValueError as exc:
+        raise PlanError(f"--overrides: not a JSON list of KEY=VALUE strings: {exc}") from None
+    if not isinstance(items, list) or not all(isinstance(i, str) and "=" in i for i in items):
+        raise PlanError(f"--overrides: expected a JSON list of KEY=VALUE strings, got {text[:200]!r}")
+    return items
+
+
+def overrides_json(overrides: Iterable[str]) -> str:
+    """Inverse of :func:`parse_overrides` (compact, stable)."""
+    import json
+
+    return json.dumps(list(overrides), separators=(",", ":"))
+
+
 def _source_for(loc: tuple, sources: dict[str, str]) -> str:
     dotted = ".".join(str(x) for x in loc)
     while dotted:
@@ -191,9 +217,38 @@ def plan_to_yaml(cfg: PlanConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+def _not_in_keys(model: type, prefix: str = "") -> list[str]:
+    """Dotted paths of fields marked ``json_schema_extra={"in_key": False}``: settings that change
+    how a stage runs (memory bounds), never what it writes, so artifacts stay shared across them."""
+    out: list[str] = []
+    for name, f in model.model_fields.items():
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        if extra.get("in_key") is False:
+            out.append(prefix + name)
+        ann = f.annotation
+        if isinstance(ann, type) and hasattr(ann, "model_fields"):
+            out += _not_in_keys(ann, f"{prefix}{name}.")
+    return out
+
+
+NOT_IN_KEYS: tuple[str, ...] = tuple(_not_in_keys(PlanConfig))
+
+
+def _drop(dumped: dict, path: str) -> None:
+    *parents, leaf = path.split(".")
+    cur: Any = dumped
+    for part in parents:
+        cur = cur.get(part) if isinstance(cur, dict) else None
+    if isinstance(cur, dict):
+        cur.pop(leaf, None)
+
+
 def config_hash(cfg: PlanConfig, fields: Iterable[str], extra: Any = None) -> str:
-    """Stable hash of the named config sections (dotted paths), plus anything extra (input hashes)."""
+    """Stable hash of the named config sections (dotted paths), plus anything extra (input hashes).
+    Fields in ``NOT_IN_KEYS`` are left out."""
     dumped = cfg.model_dump(mode="json")
+    for path in NOT_IN_KEYS:
+        _drop(dumped, path)
     picked = {}
     for f in sorted(fields):
         cur: Any = dumped

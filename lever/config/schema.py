@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -28,7 +28,11 @@ class SyntheticSpec(Section):
 
 class DataConfig(Section):
     dataset: Literal["okvqa", "vqav2", "synthetic"] = "okvqa"
-    root: str = "data/okvqa"
+    root: str = Field(
+        "data/okvqa",
+        description="folder with the official question/annotation files and COCO image folders, as this "
+        "process mounts it (cluster: the read-only data volume, /data/okvqa); images are recorded relative to it",
+    )
     train_questions: str = "OpenEnded_mscoco_train2014_questions.json"
     train_annotations: str = "mscoco_train2014_annotations.json"
     train_images: str = "train2014"
@@ -39,10 +43,27 @@ class DataConfig(Section):
     max_val: Optional[int] = Field(None, ge=1)
     synthetic: SyntheticSpec = SyntheticSpec()
 
+    @field_validator("root")
+    @classmethod
+    def _local_root(cls, root: str) -> str:
+        if "://" in root:
+            raise ValueError(f"{root!r}: the dataset is read from a mounted folder (the cluster's read-only "
+                             "data volume), not a URL; copy it there once (docs/kubernetes.md, Provisioning)")
+        return root
+
 
 class EncoderConfig(Section):
     kind: Literal["clip", "tiny_clip"] = "clip"
-    name: str = "openai/clip-vit-base-patch32"
+    name: str = Field(
+        "openai/clip-vit-base-patch32",
+        description="clip: a hub id (resolved under models.root or the Hugging Face cache), a local directory "
+        "in the hub layout, or an s3:// URL of a snapshot written by `lever models pull`",
+    )
+    revision: Optional[str] = Field(
+        None,
+        description="clip with a hub id: the pinned hub commit; part of the embeddings' key, and the snapshot "
+        "directory `lever models pull` writes and the stages read",
+    )
     hidden_size: int = Field(32, ge=4, description="tiny_clip only")
     projection_dim: int = Field(32, ge=4, description="tiny_clip only")
     batch_size: int = Field(64, ge=1)
@@ -57,7 +78,16 @@ class SamplerConfig(Section):
 
 class LVLMConfig(Section):
     kind: Literal["qwen2_5_vl", "tiny_qwen2_5_vl"] = "qwen2_5_vl"
-    name: str = "Qwen/Qwen2.5-VL-3B-Instruct"
+    name: str = Field(
+        "Qwen/Qwen2.5-VL-3B-Instruct",
+        description="qwen2_5_vl: a hub id (resolved under models.root or the Hugging Face cache), a local "
+        "directory in the hub layout, or an s3:// URL of a snapshot written by `lever models pull`",
+    )
+    revision: Optional[str] = Field(
+        None,
+        description="qwen2_5_vl with a hub id: the pinned hub commit; part of the key of every unit that uses "
+        "the LVLM, and the snapshot directory `lever models pull` writes and the stages read",
+    )
     short_name: str = "qwen2.5_vl_3B"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
@@ -67,10 +97,26 @@ class LVLMConfig(Section):
     max_pixels: int = 448 * 448
     fast: bool = Field(True, description="use the cached/batched scoring path (the plain path stays as reference)")
     seed: int = 0
+    image_cache_mb: float = Field(
+        2048.0, gt=0, json_schema_extra={"in_key": False},
+        description="host memory the processed-image cache may hold, in MiB (pixels are kept in the model "
+        "dtype); least recently used images are dropped beyond it. Not part of any artifact key",
+    )
     warmup_steps: int = Field(
         300, ge=0,
         description="tiny_qwen2_5_vl only: seeded warm-up fine-tune steps on synthetic QA (cached on disk) "
         "so some answers are right and rewards vary; 0 keeps the random weights",
+    )
+
+
+class ModelsConfig(Section):
+    """Where provisioned model snapshots live (``lever models pull`` writes them there)."""
+
+    root: Optional[str] = Field(
+        None,
+        description="directory (a model volume, e.g. /models) or s3://bucket/prefix holding "
+        "<org>--<name>/<revision>/ snapshots; None: hub ids resolve in the Hugging Face cache only. "
+        "Not part of any artifact key: where a pinned snapshot is read from does not change it",
     )
 
 
@@ -233,6 +279,12 @@ class InferConfig(Section):
     num_samples: int = Field(800, ge=1)
     shots: list[int] = [1, 2, 3, 4]
     shards: int = Field(1, ge=1)
+    units_per_pod: int = Field(
+        1, ge=1,
+        description="inference units (variant x shot x shard) one Argo pod runs in a row with one model load; "
+        "the cluster profile's value comes from `python -m lever.models.cost_model` (load vs compute per pod). "
+        "Not part of any key",
+    )
     pool: Literal["train", "retrieved"] = "train"
     retrieve_top_n: int = Field(64, ge=1)
     baselines: list[Literal["random", "retrieval", "v2"]] = ["random", "retrieval"]
@@ -285,6 +337,21 @@ class PlatformConfig(Section):
     # Added for the Argo renderer (lever.platform); defaults describe a typical GPU cluster.
     store: str = Field("s3://lever-artifacts/lever", description="artifact store URL the pods use")
     s3_secret: str = Field("lever-s3", description="Secret holding AWS_* keys; referenced, never created")
+    data_pvc: str = Field(
+        "okvqa-data",
+        description="PersistentVolumeClaim (ReadOnlyMany) holding the datasets, mounted read-only at /data in "
+        "every stage pod (data.root /data/okvqa = the volume's okvqa/ folder); a workflow parameter",
+    )
+    models_pvc: str = Field(
+        "lever-models",
+        description="PersistentVolumeClaim holding the model snapshots `lever models pull` writes, mounted "
+        "read-only at /models in stage pods (models.root) and read-write in the models-pull job",
+    )
+    hf_secret: str = Field(
+        "lever-hf",
+        description="optional Secret with HF_TOKEN for the models-pull job (gated models only); referenced, "
+        "never created",
+    )
     pushgateway_url: str = "http://prometheus-pushgateway.monitoring.svc:9091"
     run_as_user: int = Field(10001, ge=1, description="numeric non-root UID of every pod (matches the images)")
     gpu_cpu: str = "8"
@@ -312,6 +379,7 @@ class PlanConfig(Section):
     encoder: EncoderConfig = EncoderConfig()
     sampler: SamplerConfig = SamplerConfig()
     lvlm: LVLMConfig = LVLMConfig()
+    models: ModelsConfig = ModelsConfig()
     beam: BeamConfig = BeamConfig()
     rl_data: RLDataConfig = RLDataConfig()
     selector: SelectorConfig = SelectorConfig()

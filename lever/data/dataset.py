@@ -157,7 +157,10 @@ def load_split(questions: Path, annotations: Path, images: Path, limit: Optional
     image_files = scan_images(images)
     no_image = sorted({image_id for _, image_id, _ in rows if image_id not in image_files})
     if no_image:
-        raise StageError(f"{images}: no image file for {len(no_image)} image_id(s), e.g. {no_image[:5]}")
+        coco = re.fullmatch(r"(train|val|test)20\d\d", images.name)
+        names = ", ".join(f"COCO_{images.name}_{i:012d}.jpg" if coco else f"*{i}.jpg" for i in no_image[:5])
+        raise StageError(f"{images}: no image file for {len(no_image)} image_id(s), e.g. {no_image[:5]} "
+                         f"(expected files like {names}; questions: {questions.name})")
     return [
         VQARecord(qid, image_id, text, list(answers_by_qid[qid]), image_files[image_id])
         for qid, image_id, text in rows
@@ -167,37 +170,78 @@ def load_split(questions: Path, annotations: Path, images: Path, limit: Optional
 # --------------------------------------------------------------------------- dataset.json
 
 
-def _record_json(rec: VQARecord, base: Path) -> dict[str, Any]:
+def load_stage_index(ctx: Any, check_images: bool = True) -> DatasetIndex:
+    """The prepare-data artifact a stage reads, images resolved against the plan's data root and
+    (by default) checked up front, so a missing file is named before any model is loaded."""
+    return load_index(ctx.input("prepare-data").path, check_images=check_images, data_root=ctx.plan.data.root)
+
+
+#: ``dataset.json``'s ``image_base`` when record images are relative to the plan's ``data.root``
+DATA_ROOT_BASE = "data.root"
+
+
+def _relative(path: Path, base: Path) -> Optional[str]:
+    """``path`` relative to ``base`` (as written, then with symlinks resolved), else None."""
+    for p, b in ((path, base), (path.resolve(), base.resolve())):
+        try:
+            return p.relative_to(b).as_posix()
+        except ValueError:
+            continue
+    return None
+
+
+def _record_json(rec: VQARecord, base: Path, data_root: Optional[Path]) -> dict[str, Any]:
     path = rec.image_path
-    try:
-        image = path.resolve().relative_to(base.resolve()).as_posix()
-    except ValueError:
+    image = _relative(path, base)
+    if image is None and data_root is not None:
+        image = _relative(path, data_root)
+    if image is None:
         image = str(path.resolve())
     return {"question_id": rec.question_id, "image_id": rec.image_id, "question": rec.question,
             "answers": list(rec.answers), "image": image}
 
 
-def write_index(out_dir: Path, index: DatasetIndex) -> Path:
-    """Write ``dataset.json``; image paths inside ``out_dir`` are stored relative to it."""
+def write_index(out_dir: Path, index: DatasetIndex, data_root: Optional[Path] = None) -> Path:
+    """Write ``dataset.json``.  Images inside ``out_dir`` are stored relative to it (synthetic);
+    with ``data_root`` (official datasets) images under it are stored relative to it and the
+    document says so (``image_base: data.root``): every other pod resolves them against its own
+    mount of the data, wherever that is, instead of the path prepare-data happened to see."""
     out_dir = Path(out_dir)
-    doc = {
+    root = Path(data_root) if data_root is not None else None
+    doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "name": index.name,
         "source": index.source,
-        "splits": {s: [_record_json(r, out_dir) for r in index.split(s)] for s in SPLITS},
+        "splits": {s: [_record_json(r, out_dir, root) for r in index.split(s)] for s in SPLITS},
     }
+    if root is not None:
+        doc["image_base"] = DATA_ROOT_BASE
     path = out_dir / DATASET_FILE
     atomic_write_json(path, doc)
     return path
 
 
-def load_index(directory: Path | str, check_images: bool = False) -> DatasetIndex:
-    """Read a prepare-data artifact; relative image paths resolve against ``directory``."""
+def load_index(directory: Path | str, check_images: bool = False, data_root: Optional[Path | str] = None) -> DatasetIndex:
+    """Read a prepare-data artifact.  Relative image paths resolve against ``directory``, or,
+    when the document's ``image_base`` is ``data.root``, against ``data_root`` (the plan's
+    ``data.root`` as this process sees it).  ``check_images`` stats every image and names the
+    missing ones (all of them counted, the first few listed) before any work starts."""
     directory = Path(directory)
     path = directory / DATASET_FILE
     doc = _read_json(path, "dataset index")
     if not isinstance(doc, dict) or doc.get("schema_version") != SCHEMA_VERSION:
         raise StageError(f"{path}: schema_version should be {SCHEMA_VERSION}, got {doc.get('schema_version') if isinstance(doc, dict) else doc!r}")
+    base = directory
+    if doc.get("image_base") == DATA_ROOT_BASE:
+        if data_root is None:
+            raise StageError(f"{path}: images are relative to data.root, but no data root was given")
+        base = Path(data_root).expanduser()
+        if not base.is_dir():
+            raise StageError(f"data.root: dataset folder not found: {base} (images of {path} are relative to it; "
+                             "is the data volume mounted?)")
+    elif doc.get("image_base") is not None:
+        raise StageError(f"{path}: unknown image_base {doc.get('image_base')!r}")
+    missing: list[str] = []
     splits = doc.get("splits")
     if not isinstance(splits, dict):
         raise StageError(f"{path}: missing 'splits' object")
@@ -216,12 +260,14 @@ def load_index(directory: Path | str, check_images: bool = False) -> DatasetInde
             if not answers or not all(isinstance(a, str) for a in answers):
                 raise StageError(f"{path}: {where}[{i}].answers should be a non-empty list of strings")
             image = Path(_field(r, "image", str, path, where, i))
-            image_path = image if image.is_absolute() else directory / image
+            image_path = image if image.is_absolute() else base / image
             if check_images and not image_path.is_file():
-                raise StageError(f"{path}: {where}[{i}].image: file not found: {image_path}")
+                missing.append(f"{where}[{i}] (question_id {qid}): {image_path}")
             if out and qid <= out[-1].question_id:
                 raise StageError(f"{path}: {where}[{i}]: question_ids must be strictly increasing (recorded order)")
             out.append(VQARecord(qid, image_id, question, list(answers), image_path))
         parsed[split] = out
+    if missing:
+        raise StageError(f"{path}: {len(missing)} image file(s) not found, e.g. " + "; ".join(missing[:5]))
     return DatasetIndex(name=str(doc.get("name", "")), train=parsed["train"], val=parsed["val"],
                         source=dict(doc.get("source") or {}))

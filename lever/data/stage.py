@@ -45,11 +45,12 @@ def prepare_data(ctx: StageContext) -> None:
     cfg = ctx.plan.data
     out = Path(ctx.out)
     out.mkdir(parents=True, exist_ok=True)
-    index = _synthetic(cfg, out) if cfg.dataset == "synthetic" else _official(cfg)
+    official = cfg.dataset != "synthetic"
+    index = _official(cfg) if official else _synthetic(cfg, out)
     if not index.train:
         raise StageError("data: the train split is empty")
     if not index.val:
         raise StageError("data: the val split is empty")
-    write_index(out, index)
+    write_index(out, index, data_root=Path(cfg.root).expanduser() if official else None)
     ctx.log.info("prepare-data: %s train=%d val=%d", index.name, len(index.train), len(index.val))
     ctx.telemetry.progress(len(index.train) + len(index.val), len(index.train) + len(index.val))

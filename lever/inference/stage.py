@@ -115,19 +115,18 @@ def _load_selector(ctx: StageContext, variant: str) -> Any:
 def infer(ctx: StageContext) -> None:
     from tqdm import tqdm
 
-    from lever.data.dataset import load_index
+    from lever.data.dataset import load_stage_index
     from lever.inference.selection import (check_pool, choose_random, choose_retrieval, choose_selector,
                                            pools_for)
     from lever.metrics import vqa_accuracy
     from lever.models.embeddings import load_embeddings
-    from lever.models.lvlm import build_lvlm, postprocess_generation
+    from lever.models.lvlm import plan_lvlm, postprocess_generation
     from lever.models.prompting import icd_example, query_example
 
     cfg = ctx.plan.infer
     variant, shot = str(ctx.unit.get("variant")), int(ctx.unit.get("shot"))
     shard, of = int(ctx.unit.get("shard", 0)), int(ctx.unit.get("of", 1))
-    data_dir = ctx.input("prepare-data").path
-    index = load_index(data_dir)
+    index = load_stage_index(ctx)
     emb = load_embeddings(ctx.input("export-embeddings").path)
     queries = index.split(cfg.split)
     train = index.train
@@ -155,7 +154,7 @@ def infer(ctx: StageContext) -> None:
     done = read_done(out)
     todo = [q for q in range(lo, hi) if q not in done]
     model = _load_selector(ctx, variant) if _uses_selector(variant) and todo else None
-    lvlm = build_lvlm(ctx.plan.lvlm) if todo else None
+    lvlm = plan_lvlm(ctx.plan) if todo else None
     q_img_all = emb.get(cfg.split, "image")
     q_emb_all = emb.get(cfg.split, "query")
     batch = max(1, ctx.plan.lvlm.batch_size)

@@ -24,6 +24,7 @@ Run ``python -m lever.models.cost_model`` for the table of docs/performance.md.
 
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 from dataclasses import dataclass
@@ -159,6 +160,126 @@ def markdown(rows: list[StageCost], patches_per_image: int = 1024) -> str:
     return "\n".join(out)
 
 
+# ----------------------------------------------------------------------------- pods
+
+
+#: Part lengths used for the cluster fan-out: the tiny-tokenizer measurement docs/performance.md
+#: reports, frozen so that the chosen defaults do not move when the tiny vocabulary does.
+REFERENCE_LENGTHS = Lengths(header=14, icd=13.8, query=12.8, tail=5, answer=1.0, distinct_answers=2.1)
+#: OK-VQA's split sizes (questions): every train question is a beam / RL-data query by default.
+OKVQA_TRAIN, OKVQA_VAL = 9009, 5046
+
+
+@dataclass(frozen=True)
+class PodAssumptions:
+    """What a GPU pod pays before its first query, and the fan-out rule.
+
+    ``start_s``: container start with the image already on the node, Python + torch + transformers
+    imports, CUDA context.  ``read_gb_s``: reading the model snapshot from the model volume.
+    ``image_pull_s``: pulling the ~8 GB CUDA image, paid by the first pod on each node only (shown
+    apart, not in the share).  ``target_share``: the most of a pod's time loading may take.
+    ``max_pods``: GPUs a plan can use at once (parallelism beyond it only queues pods)."""
+
+    tflops: float = H100_TFLOPS
+    lvlm_gb: float = 7.5
+    read_gb_s: float = 0.5
+    start_s: float = 20.0
+    image_pull_s: float = 45.0
+    target_share: float = 0.10
+    max_pods: int = 16
+
+    def load_s(self, gb: float) -> float:
+        return self.start_s + gb / self.read_gb_s
+
+    def min_compute_s(self, gb: float) -> float:
+        """Compute a pod needs so that loading is at most ``target_share`` of its time."""
+        return self.load_s(gb) * (1 - self.target_share) / self.target_share
+
+
+@dataclass(frozen=True)
+class PodRow:
+    stage: str
+    pods: int
+    units_per_pod: int
+    queries_per_pod: float
+    compute_s: float  # per pod
+    load_s: float  # per pod
+
+    @property
+    def share(self) -> float:
+        return self.load_s / (self.load_s + self.compute_s) if self.compute_s + self.load_s else 0.0
+
+
+def _query_seconds(L: Lengths, plan: Any, A: PodAssumptions, img: int = 256, patches: int = 1024) -> dict[str, Any]:
+    """Fast-path GPU seconds per query of the LVLM stages under ``plan``'s settings."""
+    rl = plan.rl_data
+    cands = rl.sources.infoscore_beam.count * rl.sources.infoscore_beam.enabled
+    cands += rl.sources.v2_beam.count * rl.sources.v2_beam.enabled
+    cands += len(rl.sources.v2_sample.temperatures) * rl.sources.v2_sample.per_temperature * rl.sources.v2_sample.enabled
+    cands += rl.sources.retrieval.count * rl.sources.retrieval.enabled + rl.sources.random.count * rl.sources.random.enabled
+    beam = beam_costs(L, img, plan.sampler.pool_size, plan.beam.beam_size, plan.beam.shots)
+    rlc = rl_costs(L, img, plan.sampler.pool_size, max(1, cands), rl.shots, plan.lvlm.max_new_tokens)
+    sec = lambda r: flops(r.fast_tokens, r.fast_images, patches) / A.tflops  # noqa: E731
+    return {"generate-beams": sec(beam), "generate-rl-data": sec(rlc),
+            "infer": {s: sec(infer_costs(L, img, s, plan.lvlm.max_new_tokens)) for s in plan.infer.shots}}
+
+
+def suggest_fanout(plan: Any, L: Lengths = REFERENCE_LENGTHS, A: PodAssumptions = PodAssumptions(),
+                   n_train: int = OKVQA_TRAIN) -> dict[str, int]:
+    """Shards per LVLM stage and inference units per pod such that each pod computes at least
+    ``A.min_compute_s`` (loading <= ``target_share``), with as many pods as that allows, up to
+    ``max_pods``.  Inference units are small (one variant x shot x shard); they are grouped per
+    pod rather than split further."""
+    q = _query_seconds(L, plan, A)
+    need = A.min_compute_s(A.lvlm_gb)
+    out = {}
+    for stage, key, n in (("generate-beams", "beam.shards", plan.beam.num_queries or n_train),
+                          ("generate-rl-data", "rl_data.shards", plan.rl_data.num_queries or n_train)):
+        total = n * q[stage]
+        out[key] = int(max(1, min(A.max_pods, total // need)))
+    from lever.pipeline.graph import infer_variants
+
+    per_unit = [min(plan.infer.num_samples, OKVQA_VAL) * q["infer"][s] for s in plan.infer.shots]
+    unit_s = sum(per_unit) / len(per_unit)
+    out["infer.shards"] = 1
+    n_units = len(infer_variants(plan)) * len(plan.infer.shots)
+    out["infer.units_per_pod"] = int(min(n_units, max(1, math.ceil(need / unit_s))))
+    return out
+
+
+def pod_table(plan: Any, L: Lengths = REFERENCE_LENGTHS, A: PodAssumptions = PodAssumptions(),
+              n_train: int = OKVQA_TRAIN) -> list[PodRow]:
+    """Load vs compute per GPU pod of the LVLM stages of ``plan`` as configured (shards, units per
+    pod).  export-embeddings (one pod, CLIP) and the training stages (one pod each, no LVLM) are
+    single pods whatever the settings."""
+    from lever.pipeline.graph import infer_variants
+
+    q = _query_seconds(L, plan, A)
+    rows = []
+    for stage, shards, n in (("generate-beams", plan.beam.shards, plan.beam.num_queries or n_train),
+                             ("generate-rl-data", plan.rl_data.shards, plan.rl_data.num_queries or n_train)):
+        per = n / shards
+        rows.append(PodRow(stage, shards, 1, per, per * q[stage], A.load_s(A.lvlm_gb)))
+    n_q = min(plan.infer.num_samples, OKVQA_VAL) / plan.infer.shards
+    unit_s = sum(n_q * q["infer"][s] for s in plan.infer.shots) / len(plan.infer.shots)
+    n_units = len(infer_variants(plan)) * len(plan.infer.shots) * plan.infer.shards
+    per_pod = min(plan.infer.units_per_pod, n_units)
+    rows.append(PodRow("infer", math.ceil(n_units / per_pod), per_pod, n_q * per_pod, unit_s * per_pod,
+                       A.load_s(A.lvlm_gb)))
+    return rows
+
+
+def pod_markdown(rows: list[PodRow], A: PodAssumptions = PodAssumptions()) -> str:
+    out = ["| stage | pods | units/pod | query evaluations/pod | compute s/pod | load s/pod | load share |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r.stage} | {r.pods} | {r.units_per_pod} | {r.queries_per_pod:,.0f} | {r.compute_s:,.0f} | "
+                   f"{r.load_s:,.0f} | {100 * r.share:.0f}% |")
+    out.append(f"\n(load = {A.start_s:.0f} s start + model / {A.read_gb_s} GB/s; the first pod on a node also "
+               f"pulls the image, ~{A.image_pull_s:.0f} s; compute at {A.tflops:.0f} TFLOP/s)")
+    return "\n".join(out)
+
+
 def main(n_records: int = 96, seed: int = 0, lvlm_cfg: Optional[Any] = None) -> str:
     from lever.config import load_plan
     from lever.models.lvlm import build_lvlm
@@ -170,6 +291,16 @@ def main(n_records: int = 96, seed: int = 0, lvlm_cfg: Optional[Any] = None) -> 
     text = (f"measured lengths (tiny tokenizer, synthetic data): header {L.header:.0f}, ICD text {L.icd:.1f}, "
             f"query text {L.query:.1f}, tail {L.tail:.0f}, answer {L.answer:.2f}, "
             f"distinct gt answers {L.distinct_answers:.2f}\n\n" + markdown(cost_table(L)))
+    cluster = load_plan("plan5", profile="cluster")
+    before = cluster.model_copy(deep=True)
+    for key, value in {"beam.shards": 8, "rl_data.shards": 8, "infer.shards": 4, "infer.units_per_pod": 1}.items():
+        section, field = key.split(".")
+        setattr(getattr(before, section), field, value)
+    text += ("\n\nGPU pods of plan5 on the cluster profile, load vs compute (OK-VQA: "
+             f"{OKVQA_TRAIN:,} train queries, {cluster.infer.num_samples} eval samples):\n\n"
+             "before (8 / 8 / 4 shards, one inference unit per pod):\n\n" + pod_markdown(pod_table(before))
+             + "\n\nthe cluster profile's fan-out:\n\n" + pod_markdown(pod_table(cluster))
+             + f"\n\nsuggested: {suggest_fanout(cluster)}")
     print(text)
     return text
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from lever.data.dataset import VQARecord, load_index
+from lever.data.dataset import VQARecord, load_stage_index
 from lever.models.embeddings import Embeddings, query_embedding, save_embeddings
 from lever.models.encoder import Encoder, build_encoder
 from lever.pipeline.context import StageContext, StageError
@@ -47,8 +47,8 @@ def embed_records(encoder: Encoder, records: Sequence[VQARecord], batch_size: in
 
 def export_embeddings(ctx: StageContext) -> None:
     """Embed every train and val item of the prepare-data artifact into ``ctx.out``."""
-    index = load_index(ctx.input("prepare-data").path)
-    encoder = build_encoder(ctx.plan.encoder)
+    index = load_stage_index(ctx)
+    encoder = build_encoder(ctx.plan.encoder, models_root=ctx.plan.models.root)
     total = len(index.train) + len(index.val)
     done = 0
 

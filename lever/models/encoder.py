@@ -88,20 +88,28 @@ class _ClipBase:
 
 
 class HFClipEncoder(_ClipBase):
-    """A pretrained CLIP checkpoint (hub id or local directory)."""
+    """A pretrained CLIP from a provisioned directory (a local directory, an s3:// snapshot, or a
+    hub id at its pinned revision under ``models_root`` / in the Hugging Face cache)."""
 
-    def __init__(self, cfg: EncoderConfig, device: torch.device | None = None):
+    def __init__(self, cfg: EncoderConfig, device: torch.device | None = None, models_root: str | None = None):
         from transformers import CLIPModel, CLIPProcessor
 
+        from lever.models.provision import ModelRef, resolve
+
         self.device = device or default_device()
+        hint = ("Provision it with `lever models pull` or point encoder.name at a local directory in the hub "
+                "layout; for offline runs use encoder.kind: tiny_clip.")
         try:
-            self.processor = CLIPProcessor.from_pretrained(cfg.name)
-            self.model = CLIPModel.from_pretrained(cfg.name)
+            directory = resolve(ModelRef("encoder", cfg.name, cfg.revision), models_root)
+        except StageError as e:
+            raise StageError(f"encoder.name: cannot load CLIP model {cfg.name!r} ({e}). {hint}") from None
+        try:
+            self.processor = CLIPProcessor.from_pretrained(str(directory), local_files_only=True)
+            self.model = CLIPModel.from_pretrained(str(directory), local_files_only=True)
         except (OSError, ValueError) as e:
             raise StageError(
-                f"encoder.name: cannot load CLIP model {cfg.name!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-                "Pre-download it into the Hugging Face cache or point encoder.name at a local directory; "
-                "for offline runs use encoder.kind: tiny_clip."
+                f"encoder.name: cannot load CLIP model {cfg.name!r} from {directory} "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). {hint}"
             ) from e
         self.model.eval().to(self.device)
         self.dim = int(self.model.config.projection_dim)
@@ -183,10 +191,10 @@ class TinyClipEncoder(_ClipBase):
         return {"input_ids": ids, "attention_mask": mask}
 
 
-def build_encoder(cfg: EncoderConfig, device: torch.device | None = None) -> Encoder:
-    """The encoder named by ``cfg.kind``."""
+def build_encoder(cfg: EncoderConfig, device: torch.device | None = None, models_root: str | None = None) -> Encoder:
+    """The encoder named by ``cfg.kind`` (``models_root``: where provisioned snapshots live)."""
     if cfg.kind == "tiny_clip":
         return TinyClipEncoder(cfg, device)
     if cfg.kind == "clip":
-        return HFClipEncoder(cfg, device)
+        return HFClipEncoder(cfg, device, models_root)
     raise StageError(f"encoder.kind: unknown encoder {cfg.kind!r}")

@@ -37,6 +37,16 @@ from lever.models.lvlm import Encoded, QwenVLM
 from lever.models.prompting import LRU, Example
 from lever.models.vision_batch import BatchedVision
 
+#: How far the fast path's mean answer log-prob may be from the plain path's, per model dtype.
+#: fp32: float noise (observed ~1e-6).  bf16 (the GPU configuration): both paths compute the same
+#: numbers with different kernels and reduction orders (a cached prefix + suffix passes vs one
+#: pass), and bf16 keeps 8 significand bits, so one rounding of a logit near 8 is already 0.03;
+#: averaged over the answer tokens the observed gap was ~1e-3 on the tiny model and ~4e-3 on
+#: Qwen2.5-VL-3B.  2e-2 is five times the 3B figure and well under the InfoScore gains a beam ranks
+#: by; tests/test_cluster_route.py holds the fast path to it in bf16, scripts/gpu_smoke.sh reports
+#: the measured gap on the GPU against it.
+LOGPROB_TOLERANCE: dict[str, float] = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 2e-2}
+
 
 def rope_positions(ids: Sequence[int], grids: Sequence[tuple[int, int, int]], image_token_id: int, merge: int) -> list[list[int]]:
     """Qwen2.5-VL's 3-D rotary positions (temporal, height, width) of one unpadded sequence.

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence, r
 
 import torch
 
+from lever.models.image_cache import ImageCache
 from lever.models.prompting import (
     LRU,
     Example,
@@ -134,8 +135,9 @@ class QwenVLM:
         self._skeleton_checks: dict[tuple, int] = {}
         self._plans: dict[tuple, list[list[int]]] = {}
         self._plan_checks: dict[tuple, int] = {}
-        self._images = LRU(maxsize=8192)
-        self._by_path = LRU(maxsize=8192)
+        # processed pixels, bounded in bytes (COCO-sized images are ~1-4 MB each in fp32)
+        self._images = ImageCache(int(cfg.image_cache_mb * 2**20))
+        self._keys = LRU(maxsize=65536)  # path as given -> cache key (strings only)
         self._prompt_ids = LRU(maxsize=4096)
         self.calls = 0  # forward passes, for telemetry
 
@@ -259,23 +261,22 @@ class QwenVLM:
         return ids
 
     def process_image(self, image: Any) -> ProcessedImage:
+        """Pixels and grid of an image, cached by path (bounded in bytes, pixels in the model
+        dtype: they are cast to it before every forward anyway)."""
         if isinstance(image, (str, Path)):
-            # an absolute path names the same file whatever the working directory: skip
-            # resolving it again (this runs for every image of every scored prompt)
-            hit = self._by_path.get(image)
-            if hit is not None:
-                return hit
-        key = image_key(image)
+            # resolving a path to its key is a visible cost at thousands of prompts: memoized
+            # for absolute paths (a relative one depends on the working directory)
+            key = self._keys.get_or(image, lambda: image_key(image)) if os.path.isabs(image) else image_key(image)
+        else:
+            key = None
 
         def make() -> ProcessedImage:
             out = self.image_processor(images=[load_image(image)], return_tensors="pt")
             grid = out["image_grid_thw"][0]
-            return ProcessedImage(key, out["pixel_values"], grid, int(grid.prod().item()) // (self.merge**2))
+            pixels = out["pixel_values"].to(self.dtype)
+            return ProcessedImage(key, pixels, grid, int(grid.prod().item()) // (self.merge**2))
 
-        out = self._images.get_or(key, make)
-        if key is not None and os.path.isabs(image):
-            self._by_path[image] = out
-        return out
+        return self._images.get_or(key, make)
 
     def _expand(self, text: str, images: list[ProcessedImage]) -> str:
         parts = text.split(self.image_token)
@@ -439,22 +440,25 @@ class QwenVLM:
                 out[i] = t
         return out
 
+    def generation_config(self, max_new_tokens: int, return_dict: bool = False):
+        """Greedy decoding, explicit in every field (lever.models.decoding): a greedy answer never
+        depends on the checkpoint's generation_config.json."""
+        from lever.models.decoding import greedy_config
+
+        cfg = greedy_config(max_new_tokens, self.pad_id, self.tokenizer.eos_token_id)
+        cfg.return_dict_in_generate = return_dict
+        return cfg
+
     @torch.inference_mode()
     def generate_batches(self, encoded: list[Encoded], max_new_tokens: Optional[int] = None, keep_cache: bool = False):
         """Batched greedy generation, batch by batch: (indices, encodings, model inputs, texts,
         key/value cache or None).  ``keep_cache`` returns each batch's cache (the left-padded
         prompts, then the generated tokens), which the fast path scores answers on."""
         n_new = max_new_tokens or self.cfg.max_new_tokens
+        config = self.generation_config(n_new, return_dict=keep_cache)
         for idx, batch in self._chunks(encoded):
             inputs = self.collate(batch)
-            gen = self.model.generate(
-                **inputs,
-                max_new_tokens=n_new,
-                do_sample=False,
-                pad_token_id=self.pad_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-                return_dict_in_generate=keep_cache,
-            )
+            gen = self.model.generate(**inputs, generation_config=config)
             self.calls += 1
             seqs = gen.sequences if keep_cache else gen
             cache = None
@@ -560,9 +564,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 _CACHE: dict[str, QwenVLM] = {}
 
 
-def build_lvlm(cfg: "LVLMConfig", cache: bool = True) -> QwenVLM:
-    """The configured LVLM; one instance per config per process (stages of a local run share it)."""
-    key = cfg.model_dump_json()
+def build_lvlm(cfg: "LVLMConfig", cache: bool = True, models_root: Optional[str] = None) -> QwenVLM:
+    """The configured LVLM; one instance per config per process (stages of a local run share it).
+
+    ``qwen2_5_vl`` loads from a provisioned directory (``lever.models.provision.resolve``: a
+    local directory, an s3:// snapshot, or a hub id at its pinned revision under ``models_root``
+    or in the Hugging Face cache); a model that is not there is a StageError (exit 2)."""
+    key = cfg.model_dump_json() + f"|{models_root}"
     if cache and key in _CACHE:
         return _CACHE[key]
     device = resolve_device(cfg.device)
@@ -573,16 +581,26 @@ def build_lvlm(cfg: "LVLMConfig", cache: bool = True) -> QwenVLM:
         model, processor = build_tiny_qwen(cfg)
         model = model.to(device=device, dtype=dtype)
     elif cfg.kind == "qwen2_5_vl":
-        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+        from lever.models.pretrained import load_qwen
+        from lever.models.provision import ModelRef, resolve
 
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            cfg.name, dtype=dtype, attn_implementation="sdpa"
-        ).to(device)
-        processor = AutoProcessor.from_pretrained(cfg.name, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+        directory = resolve(ModelRef("lvlm", cfg.name, cfg.revision), models_root)
+        log.info("lvlm: loading %s from %s (%s, %s)", cfg.name, directory, dtype, device)
+        model, processor = load_qwen(directory, dtype, device, cfg.min_pixels, cfg.max_pixels)
     else:  # pragma: no cover - the schema's Literal forbids it
         raise ValueError(f"unknown lvlm.kind {cfg.kind!r}")
     model.eval()
     lvlm = QwenVLM(model, processor, cfg, device, dtype)
+    from lever.models.decoding import neutralize
+
+    neutralize(model, lvlm.pad_id, lvlm.tokenizer.eos_token_id, cfg.max_new_tokens)
     if cache:
         _CACHE[key] = lvlm
     return lvlm
+
+
+def plan_lvlm(plan: Any) -> QwenVLM:
+    """``build_lvlm`` for a plan: its ``lvlm`` section, with its ``models.root`` when one is set
+    (the call stays ``build_lvlm(cfg)`` otherwise, so a stand-in LVLM can replace it in tests)."""
+    root = plan.models.root
+    return build_lvlm(plan.lvlm) if root is None else build_lvlm(plan.lvlm, models_root=root)

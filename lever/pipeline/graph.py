@@ -81,6 +81,19 @@ class Stage:
         return self.unit_inputs(unit) if self.unit_inputs else self.inputs
 
 
+def pod_groups(stage: Stage, plan: PlanConfig) -> list[list[Unit]]:
+    """The units of ``stage`` grouped the way Argo runs them: one group per pod, run in a row in
+    one process (one model load).  Inference units are small, so ``infer.units_per_pod``
+    consecutive ones (same variant first, then shot) share a pod; every other unit has its own."""
+    units = stage.units(plan)
+    size = plan.infer.units_per_pod if stage.fanout == "infer" else 1
+    return [units[i:i + size] for i in range(0, len(units), size)]
+
+
+#: separates unit ids in one ``--unit-id`` / ``--list-units`` item (ids never contain it)
+UNIT_ID_SEP = ","
+
+
 def shard_count(stage: str, plan: PlanConfig) -> int:
     return {"generate-beams": plan.beam.shards, "generate-rl-data": plan.rl_data.shards}.get(stage, 1)
 

@@ -17,9 +17,11 @@ from lever.config.schema import PlatformConfig
 from lever.platform import pods
 from lever.platform.workflows import (
     EXIT_HANDLER,
+    OVERRIDES_FLAG,
     PARAM_NAMES,
     PART_OF,
     PIPELINE,
+    ROLE,
     TEMPLATE_NAME,
     Defaults,
     workflow_spec_common,
@@ -39,6 +41,7 @@ def _regress_template(platform: PlatformConfig) -> Container:
         "--store", "{{inputs.parameters.store}}",
         "--run-id", "{{inputs.parameters.run-id}}",
         "--pushgateway", "{{inputs.parameters.pushgateway}}",
+        OVERRIDES_FLAG, "{{inputs.parameters.overrides}}",
     ]
     return Container(
         name="regress",
@@ -47,7 +50,7 @@ def _regress_template(platform: PlatformConfig) -> Container:
         command=["lever"],
         args=args,
         inputs=[Parameter(name=n) for n in ("plan", "baseline", "margin", "profile", "store", "run-id",
-                                              "pushgateway", "slim-image")],
+                                              "pushgateway", "slim-image", "overrides")],
         env=pods.env(platform, "{{inputs.parameters.pushgateway}}"),
         volumes=pods.volumes(platform, gpu=False),
         resources=pods.resources(platform, "small"),
@@ -59,10 +62,11 @@ def _regress_template(platform: PlatformConfig) -> Container:
     )
 
 
-def _pipeline_args(plan_expr: str) -> dict[str, str]:
+def _pipeline_args(plan_expr: str, role: str = "plan") -> dict[str, str]:
     args = {n: "{{workflow.parameters.%s}}" % n for n in PARAM_NAMES if n != "run-id"}
     args["plan"] = plan_expr
     args["run-id"] = "{{workflow.name}}"
+    args[ROLE] = role
     return args
 
 
@@ -93,7 +97,8 @@ def build_nightly_cron(platform: PlatformConfig, plan: str, baseline: str, margi
     regress = _regress_template(platform)
     nightly = DAG(name="nightly")
     with nightly:
-        Task(name="baseline", template_ref=ref, arguments=_pipeline_args("{{workflow.parameters.baseline}}"))
+        Task(name="baseline", template_ref=ref,
+             arguments=_pipeline_args("{{workflow.parameters.baseline}}", role="baseline"))
         Task(name="candidate", template_ref=ref, arguments=_pipeline_args("{{workflow.parameters.plan}}"),
              dependencies=["baseline"])
         Task(name="regress", template=regress.name, dependencies=["candidate"], arguments={
@@ -105,6 +110,7 @@ def build_nightly_cron(platform: PlatformConfig, plan: str, baseline: str, margi
             "run-id": "{{workflow.name}}",
             "pushgateway": "{{workflow.parameters.pushgateway}}",
             "slim-image": "{{workflow.parameters.slim-image}}",
+            "overrides": "{{workflow.parameters.overrides}}",
         })
     exit_dag = DAG(name="nightly-exit")
     with exit_dag:

@@ -8,7 +8,7 @@ template, not the WorkflowTemplate's spec-level volumes or security settings.
 
 from __future__ import annotations
 
-from hera.workflows import EmptyDirVolume, Env, Resources, RetryStrategy, SecretEnv
+from hera.workflows import EmptyDirVolume, Env, ExistingVolume, Resources, RetryStrategy, SecretEnv
 from hera.workflows.models import (
     Backoff,
     Capabilities,
@@ -52,6 +52,12 @@ S3_SECRET_KEYS: tuple[tuple[str, bool], ...] = (
 TMP_MOUNT = "/tmp"
 CACHE_MOUNT = "/cache"
 SHM_MOUNT = "/dev/shm"
+# provisioned inputs (docs/kubernetes.md): the datasets volume and the model snapshots volume;
+# the cluster profile's data.root (/data/okvqa) and models.root (/models) point into them
+DATA_MOUNT = "/data"
+MODELS_MOUNT = "/models"
+DATA_VOLUME = "data"
+MODELS_VOLUME = "models"
 
 
 def retry_strategy(platform: PlatformConfig, *, verdict_step: bool = False) -> RetryStrategy:
@@ -94,27 +100,43 @@ def container_security_context() -> SecurityContext:
     )
 
 
-def volumes(platform: PlatformConfig, *, gpu: bool) -> list[EmptyDirVolume]:
+def volumes(platform: PlatformConfig, *, gpu: bool, inputs: bool = False, data_pvc: str = "",
+            models_pvc: str = "", models_writable: bool = False) -> list:
     """Scratch space for the read-only root filesystem; GPU pods also get a RAM-backed /dev/shm
-    (the 64 MiB container default starves PyTorch DataLoader workers and NCCL)."""
-    vols = [
+    (the 64 MiB container default starves PyTorch DataLoader workers and NCCL).  ``inputs`` adds
+    the datasets volume (read-only at /data) and the model snapshots volume (read-only at /models,
+    read-write for the models-pull job); claim names are workflow parameters, so one template
+    serves any install."""
+    vols: list = [
         EmptyDirVolume(name="tmp", mount_path=TMP_MOUNT),
         EmptyDirVolume(name="cache", mount_path=CACHE_MOUNT, size_limit=platform.cache_size),
     ]
     if gpu:
         vols.append(EmptyDirVolume(name="dshm", mount_path=SHM_MOUNT, medium="Memory", size_limit=platform.shm_size))
+    if inputs and data_pvc:
+        vols.append(ExistingVolume(name=DATA_VOLUME, claim_name=data_pvc, mount_path=DATA_MOUNT, read_only=True))
+    if (inputs or models_writable) and models_pvc:
+        vols.append(ExistingVolume(name=MODELS_VOLUME, claim_name=models_pvc, mount_path=MODELS_MOUNT,
+                                   read_only=not models_writable))
     return vols
 
 
-def env(platform: PlatformConfig, pushgateway: str) -> list[Env | SecretEnv]:
-    """S3 credentials by reference to the Secret (never values), plus paths that keep every
-    library's cache on the writable mounts."""
+def env(platform: PlatformConfig, pushgateway: str, *, offline: bool = True) -> list[Env | SecretEnv]:
+    """S3 credentials by reference to the Secret (never values), paths that keep every library's
+    cache on the writable mounts, and (``offline``, every pod but models-pull) the Hugging Face
+    offline switches: a pod never downloads a model, it reads the provisioned snapshot or fails
+    with exit 2 naming what to pull."""
     out: list[Env | SecretEnv] = [
         SecretEnv(name=key, secret_name=platform.s3_secret, secret_key=key, optional=True if optional else None)
         for key, optional in S3_SECRET_KEYS
     ]
+    if offline:
+        out += [Env(name="HF_HUB_OFFLINE", value="1"), Env(name="TRANSFORMERS_OFFLINE", value="1")]
+    else:
+        out.append(SecretEnv(name="HF_TOKEN", secret_name=platform.hf_secret, secret_key="HF_TOKEN", optional=True))
+    out += [Env(name="HF_HUB_DISABLE_TELEMETRY", value="1")]
+    out += [Env(name="LEVER_PUSHGATEWAY_URL", value=pushgateway)] if pushgateway else []
     out += [
-        Env(name="LEVER_PUSHGATEWAY_URL", value=pushgateway),
         Env(name="HOME", value=TMP_MOUNT),
         Env(name="XDG_CACHE_HOME", value=CACHE_MOUNT),
         Env(name="LEVER_CACHE_DIR", value=f"{CACHE_MOUNT}/lever"),

@@ -13,7 +13,7 @@ CronWorkflow can call ``pipeline`` through ``templateRef`` twice with different 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 from hera.workflows import DAG, Container, Parameter, Task, Workflow, WorkflowTemplate
 from hera.workflows.models import PodGC, TTLStrategy, WorkflowTemplateRef
@@ -38,8 +38,18 @@ PARAMS: tuple[tuple[str, str], ...] = (
     ("store", "artifact store URL, e.g. s3://bucket/prefix"),
     ("run-id", "groups metrics and logs; empty = the workflow name"),
     ("pushgateway", "Prometheus Pushgateway URL"),
+    ("overrides", "JSON list of KEY=VALUE config overrides for every stage, e.g. "
+                  "[\"lvlm.name=/models/my-qwen\"]; `lever render/submit PLAN --set K=V` validates and fills it"),
+    ("data-pvc", "PersistentVolumeClaim with the datasets, mounted read-only at /data"),
+    ("models-pvc", "PersistentVolumeClaim with the `lever models pull` snapshots, mounted read-only at /models"),
 )
 PARAM_NAMES = tuple(p for p, _ in PARAMS)
+# Pipeline-internal input: "baseline" when the pipeline runs as the plan's baseline, whose pods
+# then apply only the overrides a baseline shares (lever.pipeline.runner.baseline_overrides), so
+# its keys are the ones the plan's summarizer looks up.
+ROLE = "role"
+ROLE_FLAG = "--overrides-role"
+OVERRIDES_FLAG = "--overrides"
 # Workflow-level only (not passed into the pipeline template): the summarizer compares against
 # the baseline plan's outputs, so ``main`` runs that plan's pipeline first (a store hit once it
 # has run) unless it is "none" or the plan itself.
@@ -58,14 +68,19 @@ class Defaults:
     slim_image: str
     store: str
     pushgateway: str
+    data_pvc: str = ""
+    models_pvc: str = ""
+    overrides: str = "[]"
 
     @classmethod
     def from_platform(cls, platform: PlatformConfig, plan: str, profile: str = "cluster") -> "Defaults":
-        return cls(plan, profile, platform.image, platform.slim_image, platform.store, platform.pushgateway_url)
+        return cls(plan, profile, platform.image, platform.slim_image, platform.store, platform.pushgateway_url,
+                   platform.data_pvc, platform.models_pvc)
 
     def value(self, name: str) -> str:
         return {"plan": self.plan, "profile": self.profile, "image": self.image, "slim-image": self.slim_image,
-                "store": self.store, "run-id": "", "pushgateway": self.pushgateway}[name]
+                "store": self.store, "run-id": "", "pushgateway": self.pushgateway, "overrides": self.overrides,
+                "data-pvc": self.data_pvc, "models-pvc": self.models_pvc}[name]
 
 
 def _in(name: str) -> str:
@@ -77,9 +92,10 @@ def _pass_through(names: Iterable[str] = PARAM_NAMES) -> dict[str, str]:
     return {n: _in(n) for n in names}
 
 
-# A fanned-out task gets one unit id per item from ``lever stage X --list-units`` (a JSON list of
-# ``Unit.id`` strings such as "shard0-of8" or "variantselector-shot1-shard0-of4") and selects it
-# with ``--unit-id``: ids, never data, so Argo's parameter size cap is never near.
+# A fanned-out task gets one pod group per item from ``lever stage X --list-units`` (a JSON list of
+# comma-joined ``Unit.id`` strings such as "shard0-of8" or, with ``infer.units_per_pod`` > 1,
+# "variantselector-shot1-shard0-of1,variantselector-shot2-shard0-of1") and runs it with
+# ``--unit-id``: ids, never data, so Argo's parameter size cap is never near.
 UNIT_PARAM = "unit-id"
 UNIT_FLAG = "--unit-id"
 LIST_FLAG = "--list-units"
@@ -93,8 +109,17 @@ def _stage_args(stage_name: str, *extra: str) -> list[str]:
         "--profile", _in("profile"),
         "--store", _in("store"),
         "--run-id", _in("run-id"),
+        OVERRIDES_FLAG, _in("overrides"),
+        ROLE_FLAG, _in(ROLE),
         *extra,
     ]
+
+
+def reads_provisioned_inputs(stage: Stage) -> bool:
+    """Stages that read the dataset files or load a pretrained model (their output depends on
+    ``data``, ``encoder`` or ``lvlm``) mount the data and model volumes; the others do not, so
+    training and bookkeeping pods schedule without them."""
+    return any(f.split(".")[0] in ("data", "encoder", "lvlm") for f in stage.config_fields)
 
 
 def _container(
@@ -108,6 +133,7 @@ def _container(
     role: str,
     extra_inputs: tuple[str, ...] = (),
     verdict_step: bool = False,
+    inputs_volumes: bool = False,
 ) -> Container:
     """One self-contained ``Container`` template running the ``lever`` CLI."""
     gpu = kind == "gpu"
@@ -120,9 +146,10 @@ def _container(
         image_pull_policy="IfNotPresent",
         command=["lever"],
         args=args,
-        inputs=[Parameter(name=n) for n in (*PARAM_NAMES, *extra_inputs)],
+        inputs=[Parameter(name=n) for n in (*PARAM_NAMES, ROLE, *extra_inputs)],
         env=pods.env(platform, _in("pushgateway")),
-        volumes=pods.volumes(platform, gpu=gpu),
+        volumes=pods.volumes(platform, gpu=gpu, inputs=inputs_volumes, data_pvc=_in("data-pvc"),
+                             models_pvc=_in("models-pvc")),
         resources=pods.resources(platform, kind),
         security_context=pods.container_security_context(),
         pod_security_context=pods.pod_security_context(platform),
@@ -160,6 +187,7 @@ def _stage_templates(platform: PlatformConfig) -> list[Container]:
             stage=st.name,
             role="stage",
             extra_inputs=keys,
+            inputs_volumes=reads_provisioned_inputs(st),
         ))
         if st.fanout != "none":
             out.append(_container(
@@ -185,19 +213,20 @@ def _stage_templates(platform: PlatformConfig) -> list[Container]:
 
 def _pipeline_dag() -> DAG:
     """One task per stage; dependencies are the stage's inputs (plus its list task)."""
-    dag = DAG(name=PIPELINE, inputs=[Parameter(name=n) for n in PARAM_NAMES])
+    names = (*PARAM_NAMES, ROLE)
+    dag = DAG(name=PIPELINE, inputs=[Parameter(name=n) for n in PARAM_NAMES] + [Parameter(name=ROLE, default="plan")])
     with dag:
         for st in STAGES:
             deps = list(st.inputs)
             if st.fanout != "none":
                 Task(name=list_task_name(st), template=list_template_name(st),
-                     arguments=_pass_through(), dependencies=deps or None)
+                     arguments=_pass_through(names), dependencies=deps or None)
                 Task(name=st.name, template=stage_template_name(st),
-                     arguments={**_pass_through(), UNIT_PARAM: "{{item}}"},
+                     arguments={**_pass_through(names), UNIT_PARAM: "{{item}}"},
                      with_param="{{tasks.%s.outputs.result}}" % list_task_name(st),
                      dependencies=[*deps, list_task_name(st)])
             else:
-                Task(name=st.name, template=stage_template_name(st), arguments=_pass_through(),
+                Task(name=st.name, template=stage_template_name(st), arguments=_pass_through(names),
                      dependencies=deps or None)
     return dag
 
@@ -215,9 +244,9 @@ def _entry_dag() -> DAG:
     with dag:
         args = {n: "{{workflow.parameters.%s}}" % n for n in PARAM_NAMES}
         args["run-id"] = RUN_ID_EXPR
-        Task(name="baseline", template=PIPELINE, arguments={**args, "plan": "{{workflow.parameters.baseline}}"},
-             when=BASELINE_WHEN)
-        Task(name=PIPELINE, template=PIPELINE, arguments=args, dependencies=["baseline"])
+        Task(name="baseline", template=PIPELINE,
+             arguments={**args, "plan": "{{workflow.parameters.baseline}}", ROLE: "baseline"}, when=BASELINE_WHEN)
+        Task(name=PIPELINE, template=PIPELINE, arguments={**args, ROLE: "plan"}, dependencies=["baseline"])
     return dag
 
 
@@ -229,6 +258,7 @@ def _exit_dag() -> DAG:
     with dag:
         args = {n: "{{workflow.parameters.%s}}" % n for n in PARAM_NAMES}
         args["run-id"] = RUN_ID_EXPR
+        args[ROLE] = "plan"
         Task(name="summarize", template=EXIT_HANDLER, arguments=args)
     return dag
 
@@ -259,16 +289,23 @@ def build_pipeline_template(platform: PlatformConfig, defaults: Optional[Default
     return wt
 
 
-def build_plan_workflow(plan: PlanConfig, profile: str, base: PlatformConfig) -> Workflow:
+def build_plan_workflow(plan: PlanConfig, profile: str, base: PlatformConfig,
+                        overrides: Sequence[str] = ()) -> Workflow:
     """A ``Workflow`` that runs ``plan`` through the installed template.  Only the arguments that
-    differ from the template's defaults are written, so Helm values (image, store) still apply."""
+    differ from the template's defaults are written, so Helm values (image, store) still apply.
+    ``overrides`` (already validated against the plan schema) travel as the ``overrides``
+    parameter, a JSON list every stage pod applies with ``--overrides``."""
+    from lever.config.loader import overrides_json
+
     args = {"plan": plan.name, "profile": profile}
+    if overrides:
+        args["overrides"] = overrides_json(overrides)
     baseline = plan.baseline_plan if plan.baseline_plan and plan.baseline_plan != plan.name else NO_BASELINE
     if baseline != DEFAULT_BASELINE:
         args["baseline"] = baseline
     mine = Defaults.from_platform(plan.platform, plan.name, profile)
     theirs = Defaults.from_platform(base, plan.name, profile)
-    for n in ("image", "slim-image", "store", "pushgateway"):
+    for n in ("image", "slim-image", "store", "pushgateway", "data-pvc", "models-pvc"):
         if mine.value(n) != theirs.value(n):
             args[n] = mine.value(n)
     return Workflow(
@@ -277,3 +314,56 @@ def build_plan_workflow(plan: PlanConfig, profile: str, base: PlatformConfig) ->
         workflow_template_ref=WorkflowTemplateRef(name=TEMPLATE_NAME),
         arguments=[Parameter(name=k, value=v) for k, v in args.items()],
     )
+
+
+MODELS_PULL_NAME = "lever-models-pull"
+MODELS_PULL_PARAMS: tuple[tuple[str, str], ...] = (
+    ("plan", "plan whose pretrained models to provision"),
+    ("profile", "plan profile overlay"),
+    ("slim-image", "CPU image running `lever models pull`"),
+    ("overrides", "JSON list of KEY=VALUE config overrides (another model name or revision)"),
+    ("models-pvc", "PersistentVolumeClaim the snapshots are written to (mounted read-write at /models)"),
+    ("to", "models root to write: /models (the volume) or s3://bucket/prefix"),
+)
+
+
+def build_models_pull_template(platform: PlatformConfig, defaults: Optional[Defaults] = None) -> WorkflowTemplate:
+    """The one-time provisioning job: ``lever models pull`` snapshots the plan's LVLM and encoder at
+    their pinned revisions into the model volume (or S3).  The only pod allowed to reach the hub
+    (no offline switch; an optional HF_TOKEN from ``platform.hf_secret``); re-running it is a
+    no-op once the snapshots are there.  Submit: ``argo submit --from workflowtemplate/lever-models-pull``."""
+    defaults = defaults or Defaults.from_platform(platform, plan="plan5")
+    values = {"plan": defaults.plan, "profile": defaults.profile, "slim-image": defaults.slim_image,
+              "overrides": defaults.overrides, "models-pvc": defaults.models_pvc, "to": pods.MODELS_MOUNT}
+    names = tuple(n for n, _ in MODELS_PULL_PARAMS)
+    pull = Container(
+        name="pull",
+        image=_in("slim-image"),
+        image_pull_policy="IfNotPresent",
+        command=["lever"],
+        args=["models", "pull", "--plan", _in("plan"), "--profile", _in("profile"),
+              OVERRIDES_FLAG, _in("overrides"), "--to", _in("to")],
+        inputs=[Parameter(name=n) for n in names],
+        env=pods.env(platform, "", offline=False),
+        volumes=pods.volumes(platform, gpu=False, models_pvc=_in("models-pvc"), models_writable=True),
+        resources=pods.resources(platform, "cpu"),
+        security_context=pods.container_security_context(),
+        pod_security_context=pods.pod_security_context(platform),
+        service_account_name=platform.service_account,
+        retry_strategy=pods.retry_strategy(platform),
+        labels={**PART_OF, pods.STAGE_LABEL: "models-pull", pods.ROLE_LABEL: "models-pull"},
+    )
+    entry = DAG(name="main")
+    with entry:
+        Task(name="pull", template=pull.name, arguments={n: "{{workflow.parameters.%s}}" % n for n in names})
+    wt = WorkflowTemplate(
+        name=MODELS_PULL_NAME,
+        labels=dict(PART_OF),
+        annotations={"workflows.argoproj.io/description": "One-time: snapshot the plan's pretrained models "
+                                                          "(pinned revisions) into the model volume"},
+        entrypoint="main",
+        arguments=[Parameter(name=n, value=values[n], description=d) for n, d in MODELS_PULL_PARAMS],
+        **workflow_spec_common(platform),
+    )
+    wt.templates = [pull, entry]
+    return wt

@@ -52,10 +52,10 @@ def _reset(scorer: Any) -> None:
 
 
 def _load_common(ctx: StageContext):
-    from lever.data.dataset import load_index
+    from lever.data.dataset import load_stage_index
     from lever.models.embeddings import load_embeddings
 
-    index = load_index(ctx.input("prepare-data").path)
+    index = load_stage_index(ctx)
     order = {"train": [r.question_id for r in index.train], "val": [r.question_id for r in index.val]}
     emb = load_embeddings(ctx.input("export-embeddings").path, expected_order=order)
     return index, emb
@@ -77,7 +77,7 @@ def _progress(ctx: StageContext, queries: range, done: int, desc: str):
 
 
 def run_generate_beams(ctx: StageContext, lvlm: Any = None, hook: Optional[QueryHook] = None) -> Path:
-    from lever.models.lvlm import build_lvlm
+    from lever.models.lvlm import plan_lvlm
     from lever.sampling.samplers import build_pool_from_config
 
     plan = ctx.plan
@@ -88,7 +88,7 @@ def run_generate_beams(ctx: StageContext, lvlm: Any = None, hook: Optional[Query
     with out:
         if len(out.done) == len(queries):
             return out.path
-        lvlm = lvlm or build_lvlm(plan.lvlm)
+        lvlm = lvlm or plan_lvlm(plan)
         scorer = make_scorer(lvlm, plan.lvlm.fast)
         for qid in _progress(ctx, queries, len(out.done), f"beams shard {ctx.unit.get('shard', 0)}"):
             rec = index.train[qid]
@@ -145,7 +145,7 @@ def _load_selector(ctx: StageContext) -> Any:
 
 
 def run_generate_rl_data(ctx: StageContext, lvlm: Any = None, hook: Optional[QueryHook] = None) -> Path:
-    from lever.models.lvlm import build_lvlm
+    from lever.models.lvlm import plan_lvlm
     from lever.sampling.samplers import build_pool_from_config
 
     plan = ctx.plan
@@ -160,7 +160,7 @@ def run_generate_rl_data(ctx: StageContext, lvlm: Any = None, hook: Optional[Que
     with out:
         if len(out.done) == len(queries):
             return out.path
-        lvlm = lvlm or build_lvlm(plan.lvlm)
+        lvlm = lvlm or plan_lvlm(plan)
         scorer = make_scorer(lvlm, plan.lvlm.fast)
         selector = _load_selector(ctx)
         cand = emb.candidates

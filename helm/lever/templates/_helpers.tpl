@@ -31,7 +31,10 @@ Args: dict "spec" <map> "root" <chart context>.
 {{- $spec := .spec -}}
 {{- $v := .root.Values -}}
 {{- $sa := include "lever.serviceAccountName" .root -}}
-{{- $args := dict "image" (include "lever.imageRef" $v.image) "slim-image" (include "lever.imageRef" $v.slimImage) "store" $v.store "pushgateway" $v.pushgatewayUrl -}}
+{{- $args := dict "image" (include "lever.imageRef" $v.image) "slim-image" (include "lever.imageRef" $v.slimImage) "store" $v.store "pushgateway" $v.pushgatewayUrl "data-pvc" $v.data.pvc "models-pvc" $v.models.pvc -}}
+{{- $dropped := list -}}
+{{- if not $v.data.pvc }}{{ $dropped = append $dropped "data" }}{{ end -}}
+{{- if not $v.models.pvc }}{{ $dropped = append $dropped "models" }}{{ end -}}
 {{- $_ := set $spec "serviceAccountName" $sa -}}
 {{- range $p := (dig "arguments" "parameters" (list) $spec) -}}
 {{- if hasKey $args $p.name -}}
@@ -43,8 +46,25 @@ Args: dict "spec" <map> "root" <chart context>.
 {{- $_ := set $t "serviceAccountName" $sa -}}
 {{- range $e := ($t.container.env | default list) -}}
 {{- if and $e.valueFrom (hasKey $e.valueFrom "secretKeyRef") -}}
+{{- if eq $e.name "HF_TOKEN" -}}
+{{- $_ := set $e.valueFrom.secretKeyRef "name" $v.modelsPull.hfSecretName -}}
+{{- else -}}
 {{- $_ := set $e.valueFrom.secretKeyRef "name" $v.s3.secretName -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+{{- /* a volume whose claim is not configured (models on S3) is dropped with its mount */ -}}
+{{- if $dropped -}}
+{{- $vols := list -}}
+{{- range $vol := ($t.volumes | default list) -}}
+{{- if not (has $vol.name $dropped) }}{{ $vols = append $vols $vol }}{{ end -}}
+{{- end -}}
+{{- $_ := set $t "volumes" $vols -}}
+{{- $mounts := list -}}
+{{- range $m := ($t.container.volumeMounts | default list) -}}
+{{- if not (has $m.name $dropped) }}{{ $mounts = append $mounts $m }}{{ end -}}
+{{- end -}}
+{{- $_ := set $t.container "volumeMounts" $mounts -}}
 {{- end -}}
 {{- if eq (dig "metadata" "labels" "lever.dev/gpu" "" $t) "true" -}}
 {{- $gpus := toString $v.gpu.count -}}
