@@ -51,7 +51,7 @@ def test_tiny_plan_on_s3(monkeypatch, tmp_path):
         rep = json.loads(c.get_object(Bucket=bucket, Key=rkey.replace("report.md", "report.json"))["Body"].read())
         assert rep["plan"] == "plan1" and rep["baseline_plan"] == "baseline" and not rep["partial"]
         # plan1 evaluates GRPO epochs 1, 2, 3; this run trains 2, so epochs 1 and 2 get rows
-        assert set(rep["accuracy"]) == {"plan", "baseline", "epoch1", "epoch2", "random", "retrieval"}
+        assert set(rep["accuracy"]) == {"plan", "baseline", "epoch1", "epoch2", "random", "retrieval", "oracle"}
         assert rep["epoch_checkpoints"]["not_trained"] == [3]
         assert all(rep["accuracy"][row][s] is not None for row in ("plan", "epoch1", "epoch2") for s in ("1", "2"))
         assert rep["checkpoint"]["checkpoint"] == "grpo_epoch2"

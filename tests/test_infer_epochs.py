@@ -28,7 +28,7 @@ def _infer_units(plan):
 def test_plan1_evaluates_grpo_epochs_1_to_3_with_train_grpo_as_input():
     plan = load_plan("plan1", "tiny", SMALL)
     assert plan.checkpoint.evaluate_epochs == [1, 2, 3]
-    assert infer_variants(plan) == ["selector", "epoch1", "epoch2", "epoch3", "random", "retrieval"]
+    assert infer_variants(plan) == ["selector", "epoch1", "epoch2", "epoch3", "random", "retrieval", "oracle"]
     st = BY_NAME["infer"]
     units = _infer_units(plan)
     for e in (1, 2, 3):
@@ -56,7 +56,7 @@ def test_epoch_unit_keys_follow_train_grpo_and_references_stay_shared():
         assert k.hash_of("infer", u[(f"epoch{e}", 1)]) != k2.hash_of("infer", u[(f"epoch{e}", 1)])
     assert len({k.hash_of("infer", u[(f"epoch{e}", 1)]) for e in (1, 2, 3)}) == 3
     ub = _infer_units(base)
-    for ref in ("random", "retrieval"):  # one artifact for every plan
+    for ref in ("random", "retrieval", "oracle"):  # one artifact for every plan
         assert k.hash_of("infer", u[(ref, 2)]) == k2.hash_of("infer", u[(ref, 2)]) == kb.hash_of("infer", ub[(ref, 2)])
     # a change that leaves train-grpo alone (the checkpoint strategy) keeps the epoch units
     k3 = plan_keys(load_plan("plan1", "tiny", SMALL + ["checkpoint.strategy=val_loss"]))

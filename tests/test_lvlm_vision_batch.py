@@ -38,7 +38,7 @@ def test_batched_tower_equals_the_models_forward(size, n):
     assert got.shape[0] == n
     for r, x in zip(ref, got):
         assert r.shape == x.shape
-        assert (r - x).abs().max().item() < 1e-4
+        torch.testing.assert_close(x, r, rtol=1e-5, atol=1e-4)  # fp32 reordering noise, scaled to the values
     if size != (56, 56) and size != (448, 448):
         assert len(tower.layout(g).windows) > 1  # the unequal-window path really ran
 

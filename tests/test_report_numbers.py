@@ -121,7 +121,7 @@ def test_epoch_rows_match_their_predictions(built):
     """plan1 evaluates GRPO epochs 1, 2, 3 beside the chosen checkpoint: one row each."""
     store, plan, base, report_dir = built
     rep = json.loads((report_dir / "report.json").read_text())
-    assert list(rep["accuracy"]) == ["plan", "baseline", "epoch1", "epoch2", "epoch3", "random", "retrieval"]
+    assert list(rep["accuracy"]) == ["plan", "baseline", "epoch1", "epoch2", "epoch3", "random", "retrieval", "oracle"]
     assert rep["epoch_checkpoints"] == {"requested": [1, 2, 3], "evaluated": [1, 2, 3], "not_trained": [],
                                         "stopped": {}, "grpo_epochs": 3, "rows": ["epoch1", "epoch2", "epoch3"]}
     for e in (1, 2, 3):
@@ -137,7 +137,7 @@ def test_epoch_rows_match_their_predictions(built):
     # the fake epoch-N selector is better with N (skill 0.4 + 0.05 N): the rows are not copies
     assert rep["average"]["epoch1"] != rep["average"]["epoch3"]
     md = (report_dir / "report.md").read_text()
-    assert "| shot | plan | baseline | epoch1 | epoch2 | epoch3 | random | retrieval |" in md
+    assert "| shot | plan | baseline | epoch1 | epoch2 | epoch3 | random | retrieval | oracle |" in md
     assert "GRPO epoch checkpoints evaluated beside it" in md
     e2 = rep["accuracy"]["epoch2"]
     assert f"| 2 | {e2['1']:.2f} | {e2['2']:.2f} | {e2['3']:.2f} | {rep['average']['epoch2']:.2f} |" in md
@@ -205,19 +205,21 @@ def test_partial_report_rewritten_for_same_run_id(built):
 
 def test_a_guard_stop_before_a_listed_epoch_is_reported_not_failed(tmp_path):
     """The real tiny pipeline (no fakes): plan1 lists GRPO epochs 1..3 for evaluation, and a guard
-    with a KL limit of 1e-6 stops GRPO after epoch 2.  The run still finishes with a full report
-    that names the unevaluated epoch 3 and why."""
+    with a KL limit of 1e-6 stops GRPO before epoch 3.  The run still finishes with a full report
+    that names the unevaluated epochs and why."""
     from lever.pipeline.runner import run_plan
 
-    over = ["infer.num_samples=8", "infer.shards=1", "infer.shots=[1,2]", "alerts.guard=stop", "alerts.kl_max=0.000001"]
+    over = ["infer.num_samples=8", "beam.num_queries=32", "rl_data.num_queries=32", "infer.shards=1", "infer.shots=[1,2]", "alerts.guard=stop", "alerts.kl_max=0.000001"]
     plan = load_plan("plan1", "tiny", over)
     base = load_baseline(plan, "tiny", over)
     summary = run_plan(plan, LocalStore(tmp_path / "store"), baseline=base, jobs=1)
     rep = json.loads((Path(summary.report).parent / "report.json").read_text())
     ep = rep["epoch_checkpoints"]
     assert not rep["partial"] and ep["requested"] == [1, 2, 3]
-    assert set(ep["stopped"]) == {"3"} and "KL above 1e-06" in ep["stopped"]["3"]
-    assert ep["evaluated"] == [1, 2] and ep["not_trained"] == [] and "epoch3" not in rep["accuracy"]
-    assert rep["accuracy"]["epoch2"]["1"] is not None
+    last = min(int(e) for e in ep["stopped"]) - 1  # the guard's stop: after this epoch
+    assert 1 <= last < 3 and set(ep["stopped"]) == {str(e) for e in range(last + 1, 4)}
+    assert all("KL above 1e-06" in why for why in ep["stopped"].values())
+    assert ep["evaluated"] == list(range(1, last + 1)) and ep["not_trained"] == [] and "epoch3" not in rep["accuracy"]
+    assert rep["accuracy"][f"epoch{last}"]["1"] is not None
     md = (Path(summary.report).parent / "report.md").read_text()
-    assert "Not evaluated: epoch 3, never trained (train-grpo stopped after grpo epoch 2" in md
+    assert f"Not evaluated: epoch 3, never trained (train-grpo stopped after grpo epoch {last}" in md

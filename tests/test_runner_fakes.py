@@ -102,7 +102,7 @@ def infer(ctx: StageContext) -> None:
             raise StageError(f"checkpoint grpo_epoch{epoch} missing from train-grpo")
         skill = 0.4 + 0.05 * epoch
     else:
-        skill = {"selector": 0.55, "random": 0.35, "retrieval": 0.45, "v2": 0.5}[variant]
+        skill = {"selector": 0.55, "random": 0.35, "retrieval": 0.45, "v2": 0.5, "oracle": 0.8}[variant]
     rows = []
     pred = ctx.out / "predictions.jsonl"
     done = {json.loads(line)["query_index"] for line in pred.read_text().splitlines()} if pred.exists() else set()

@@ -114,8 +114,9 @@ def test_parallel_workers(tmp_path, fake_log):
     plan, _ = _plans("baseline")
     s = run_plan(plan, store, stages=fake_stages(), jobs=2, only=["infer"])
     infer = [r for r in s.results if r.stage == "infer"]
-    assert len(infer) == 3 * 2 * 2 and all(r.status == "built" for r in infer)
-    assert len({c[2] for c in read_log(fake_log) if c[1] == "infer"}) == 12
+    # (selector, random, retrieval, oracle) x shots x shards
+    assert len(infer) == 4 * 2 * 2 and all(r.status == "built" for r in infer)
+    assert len({c[2] for c in read_log(fake_log) if c[1] == "infer"}) == 16
 
 
 def test_missing_input_is_a_stage_error(tmp_path, fake_log):

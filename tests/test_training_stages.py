@@ -207,7 +207,7 @@ def test_curriculum_grpo_resumes_bit_identical_after_a_kill(tmp_path, kill_at):
 
 
 def test_train_v2_resumes_bit_identical_after_a_kill(tmp_path):
-    plan = load_plan("v2", profile="tiny", overrides=["selector.dropout=0.3"])
+    plan = load_plan("v2", profile="tiny", overrides=["selector.dropout=0.3", "v2.epochs=4"])
     ups = write_training_inputs(tmp_path / "in", n_items=96, n_queries=32)
     v2_in = {k: ups[k] for k in graph_stage("train-v2").inputs}
     S.train_v2(_ctx(plan, "train-v2", v2_in, tmp_path / "full"))

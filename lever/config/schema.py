@@ -24,6 +24,16 @@ class SyntheticSpec(Section):
     n_val: int = Field(48, ge=1)
     image_size: int = Field(64, ge=16)
     seed: int = 0
+    planted_fraction: float = Field(
+        0.0, ge=0.0, le=0.9,
+        description="share of questions that are the planted 'code word' task, answerable only by copying "
+        "from a demonstration whose shapes have the query's colour (lever.data.synthetic); 0 turns it off",
+    )
+    planted_noise: float = Field(
+        0.15, ge=0.0, lt=0.5,
+        description="share of planted questions whose annotators agree on another code word (label noise): "
+        "one demonstration of the query's colour is then weaker evidence than several",
+    )
 
 
 class DataConfig(Section):
@@ -170,6 +180,13 @@ class SelectorConfig(Section):
     heads: int = Field(1, ge=1)
     temperature: float = Field(0.1, gt=0)
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    init: Literal["default", "siamese"] = Field(
+        "default",
+        description="default: PyTorch's initialisation (an untrained selector ranks candidates at random); "
+        "siamese: query and candidate projections start equal (orthogonal), the scoring layers as the identity "
+        "and the cross-attention branches at zero, so an untrained selector ranks by embedding cosine "
+        "(retrieval) and training starts from there",
+    )
 
 
 class V2TrainConfig(Section):
@@ -196,6 +213,11 @@ class RewardConfig(Section):
     rel_weight: float = 0.1
     alpha: float = 0.5
     beta: float = 0.8
+    negate: bool = Field(
+        False,
+        description="ablation only: train on the negated reward, a deliberately harmful signal; a run with it "
+        "must end below the baseline (the testbed's check that the evaluation can see a broken trainer)",
+    )
 
 
 class RCEConfig(Section):
@@ -287,7 +309,11 @@ class InferConfig(Section):
     )
     pool: Literal["train", "retrieved"] = "train"
     retrieve_top_n: int = Field(64, ge=1)
-    baselines: list[Literal["random", "retrieval", "v2"]] = ["random", "retrieval"]
+    baselines: list[Literal["random", "retrieval", "v2", "oracle"]] = Field(
+        ["random", "retrieval"],
+        description="reference variants evaluated beside the plan's selector: random ICDs, CLIP image "
+        "retrieval, the v2 selector, and (synthetic data only) the oracle that knows the planted attribute",
+    )
     seed: int = 0
 
     @model_validator(mode="after")

@@ -33,7 +33,8 @@ def _official(cfg: DataConfig) -> DatasetIndex:
 
 def _synthetic(cfg: DataConfig, out: Path) -> DatasetIndex:
     spec = cfg.synthetic
-    layout: SyntheticLayout = write_synthetic(out, spec.n_train, spec.n_val, spec.image_size, spec.seed)
+    layout: SyntheticLayout = write_synthetic(out, spec.n_train, spec.n_val, spec.image_size, spec.seed,
+                                                     spec.planted_fraction, spec.planted_noise)
     train = load_split(layout.questions("train"), layout.annotations("train"), layout.images("train"), cfg.max_train)
     val = load_split(layout.questions("val"), layout.annotations("val"), layout.images("val"), cfg.max_val)
     source = {"dataset": "synthetic", **spec.model_dump(), "max_train": cfg.max_train, "max_val": cfg.max_val}

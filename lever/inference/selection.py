@@ -5,6 +5,11 @@
   so a query gets the same ICDs whatever the shard layout.
 * ``retrieval``: the ``shot`` most CLIP-image-similar pool members, the most similar placed last,
   i.e. nearest the query.
+* ``oracle`` (synthetic data only): pool members of the query's question type whose deciding value
+  (the colour of a planted question, the answer of an ordinary one) is the query's first, then
+  those with that value, then the rest, each tier by image similarity; the best placed last.  It
+  uses knowledge no selector has (the generator's labels), so its row is the upper reference a
+  learned selector is measured against.
 
 The pool is the whole train split or, with ``infer.pool: retrieved``, each query's top-N train
 items by CLIP image similarity.  A request for more shots than the pool holds is a StageError:
@@ -68,6 +73,22 @@ def choose_retrieval(query_img: torch.Tensor, train_img: torch.Tensor, pool: lis
     sims = similarity(query_img.reshape(1, -1), train_img[pool]).reshape(-1)
     top = torch.argsort(-sims, stable=True)[:shot].tolist()
     return [pool[i] for i in reversed(top)]  # most similar last: nearest the query
+
+
+def choose_oracle(query_label: tuple[str, str], train_labels: Sequence[tuple[str, str]], query_img: torch.Tensor,
+                  train_img: torch.Tensor, pool: list[int], shot: int) -> list[int]:
+    """``shot`` pool members ranked by (same question type and planted value, same planted value,
+    image similarity), most relevant placed last (nearest the query, as retrieval does)."""
+    qtype, value = query_label
+    sims = similarity(query_img.reshape(1, -1), train_img[pool]).reshape(-1).tolist()
+
+    def rank(j: int) -> tuple[int, float]:
+        t, v = train_labels[pool[j]]
+        tier = 0 if (t == qtype and v == value) else 1 if v == value else 2
+        return tier, -sims[j]
+
+    top = sorted(range(len(pool)), key=rank)[:shot]
+    return [pool[i] for i in reversed(top)]
 
 
 def choose_selector(model: torch.nn.Module, query_emb: torch.Tensor, cand_emb: torch.Tensor,

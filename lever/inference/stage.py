@@ -1,7 +1,8 @@
 """The ``infer`` stage: one (variant, shot, shard) unit of evaluation.
 
 Variants: ``selector`` (the chosen checkpoint, via convert), ``epoch{N}`` (GRPO epoch N's
-checkpoint from train-grpo, for ``checkpoint.evaluate_epochs``), ``v2``, ``random``, ``retrieval``.
+checkpoint from train-grpo, for ``checkpoint.evaluate_epochs``), ``v2``, ``random``, ``retrieval``,
+``oracle`` (synthetic data: knows the planted attribute).
 Eval queries are the first ``infer.num_samples`` items of ``infer.split`` (recorded order), cut
 into ``of`` contiguous ranges; this unit does range ``shard``.  Each query gets its ICDs from the
 variant (``selection.py``), the LVLM generates in batches, the answer is post-processed and scored
@@ -112,12 +113,28 @@ def _load_selector(ctx: StageContext, variant: str) -> Any:
     return model
 
 
+def _oracle_labels(data_dir: Path, train: list, queries: list) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train labels, query labels) = (question type, planted value) per item, from the synthetic
+    generator's annotations inside the prepare-data artifact."""
+    from lever.data.synthetic import SyntheticLayout, planted_labels
+
+    try:
+        labels = planted_labels(SyntheticLayout(data_dir))
+    except (OSError, ValueError, KeyError) as exc:
+        raise StageError(f"{data_dir}: the oracle reference needs the synthetic dataset's planted labels "
+                         f"({type(exc).__name__}: {exc})") from None
+    try:
+        return [labels[r.question_id] for r in train], [labels[r.question_id] for r in queries]
+    except KeyError as exc:
+        raise StageError(f"{data_dir}: question_id {exc} has no planted label") from None
+
+
 def infer(ctx: StageContext) -> None:
     from tqdm import tqdm
 
     from lever.data.dataset import load_stage_index
-    from lever.inference.selection import (check_pool, choose_random, choose_retrieval, choose_selector,
-                                           pools_for)
+    from lever.inference.selection import (check_pool, choose_oracle, choose_random, choose_retrieval,
+                                           choose_selector, pools_for)
     from lever.metrics import vqa_accuracy
     from lever.models.embeddings import load_embeddings
     from lever.models.lvlm import plan_lvlm, postprocess_generation
@@ -155,6 +172,7 @@ def infer(ctx: StageContext) -> None:
     todo = [q for q in range(lo, hi) if q not in done]
     model = _load_selector(ctx, variant) if _uses_selector(variant) and todo else None
     lvlm = plan_lvlm(ctx.plan) if todo else None
+    train_labels, query_labels = _oracle_labels(ctx.input("prepare-data").path, train, queries) if variant == "oracle" and todo else ([], [])
     q_img_all = emb.get(cfg.split, "image")
     q_emb_all = emb.get(cfg.split, "query")
     batch = max(1, ctx.plan.lvlm.batch_size)
@@ -171,6 +189,9 @@ def infer(ctx: StageContext) -> None:
                 icds = [choose_random(p, shot, cfg.seed, q) for p, q in zip(pools, qs)]
             elif variant == "retrieval":
                 icds = [choose_retrieval(q_img_all[q], emb.train_image, p, shot) for p, q in zip(pools, qs)]
+            elif variant == "oracle":
+                icds = [choose_oracle(query_labels[q], train_labels, q_img_all[q], emb.train_image, p, shot)
+                        for p, q in zip(pools, qs)]
             elif _uses_selector(variant):
                 icds = choose_selector(model, q_emb_all[qs], emb.candidates, pools, shot)
             else:

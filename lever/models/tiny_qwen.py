@@ -68,15 +68,22 @@ red green blue yellow orange purple pink brown black white gray grey cyan magent
 circle circles square squares triangle triangles rectangle rectangles star stars ellipse oval
 diamond cross hexagon line lines dot dots shapes ring rings heart hearts violet box rhombus
 zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen
-sixteen seventeen eighteen nineteen twenty
+sixteen seventeen eighteen nineteen twenty code word
 """.split()
+
+
+def _words() -> list[str]:
+    """_WORDS plus the planted task's code words (lever.data.synthetic), each a single token."""
+    from lever.data.synthetic import CODE_WORDS
+
+    return list(_WORDS) + list(CODE_WORDS)
 
 
 def _corpus() -> list[str]:
     """Training lines for the BPE merges: each word alone, with a leading space, capitalized,
     plus digits/numbers and the prompt scaffolding as it appears in real prompts."""
     lines: list[str] = []
-    for w in _WORDS:
+    for w in _words():
         lines += [w, " " + w, w.capitalize(), " " + w.capitalize(), w + "?", " " + w + "?"]
     for n in range(0, 101):
         lines += [str(n), " " + str(n)]

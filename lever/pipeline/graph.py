@@ -128,7 +128,13 @@ def epoch_of_variant(variant: object) -> Optional[int]:
 def infer_variants(plan: PlanConfig) -> list[str]:
     """'selector' is the plan's own chosen checkpoint; ``epoch{N}`` the GRPO epoch-N checkpoints
     of ``checkpoint.evaluate_epochs``; the others are reference baselines."""
-    return ["selector"] + [f"epoch{e}" for e in evaluated_epochs(plan)] + [b for b in plan.infer.baselines]
+    return ["selector"] + [f"epoch{e}" for e in evaluated_epochs(plan)] + reference_variants(plan)
+
+
+def reference_variants(plan: PlanConfig) -> list[str]:
+    """``infer.baselines`` this plan can evaluate: the oracle knows the synthetic generator's
+    planted labels, so on real data (a tiny profile pointed at OKVQA, say) it is no unit."""
+    return [b for b in plan.infer.baselines if b != "oracle" or plan.data.dataset == "synthetic"]
 
 
 def _infer_inputs(unit: Unit) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ from typing import Any, Optional
 from lever.config.schema import PlanConfig
 from lever.pipeline.context import StageError, UpstreamOutput
 from lever.versioning import upgrade
-from lever.pipeline.graph import evaluated_epochs, grpo_epochs_trained
+from lever.pipeline.graph import evaluated_epochs, grpo_epochs_trained, reference_variants
 from lever.report.bootstrap import paired_bootstrap
 from lever.report.predictions import Cell, collect
 from lever.report.regression import report_section
@@ -83,7 +83,7 @@ def reward_diagnostics(plan: PlanConfig, inputs: dict[str, UpstreamOutput]) -> O
     up = inputs.get("generate-rl-data")
     if up is None or not up.units:
         return None
-    from lever.rl.rewards import compute_reward
+    from lever.rl.rewards import plan_reward
 
     failed = 0
     records = []
@@ -106,8 +106,7 @@ def reward_diagnostics(plan: PlanConfig, inputs: dict[str, UpstreamOutput]) -> O
         pos = neg = 0
         for c in cands:
             try:
-                r = compute_reward(c, rc.mode, hard_weight=rc.hard_weight, soft_weight=rc.soft_weight,
-                                   rel_weight=rc.rel_weight, alpha=rc.alpha, beta=rc.beta)
+                r = plan_reward(c, rc)
             except ValueError as exc:
                 raise StageError(f"RL data candidate: {exc}") from None
             rs.append(r)
@@ -133,7 +132,7 @@ def reward_diagnostics(plan: PlanConfig, inputs: dict[str, UpstreamOutput]) -> O
         "queries": len(records),
         "candidates": n,
         "correct_share": _r(correct / n, 4) if n else None,
-        "reward_mode": rc.mode,
+        "reward_mode": rc.mode + (" (negated: ablation)" if rc.negate else ""),
         "reward": {
             "mean": _r(statistics.fmean(rewards), 4) if n else None,
             "std": _r(statistics.pstdev(rewards), 4) if n else None,
@@ -183,6 +182,75 @@ def icd_overlap(a: Cell, b: Cell) -> dict:
             "mean_jaccard": round(jac / n, 4)}
 
 
+#: z-quantiles of the smallest detectable difference: two-sided test at the report's confidence,
+#: 80% power (the conventional design choice; stated in the report)
+POWER = 0.8
+
+
+def _paired(a: Cell, b: Cell, samples: int, conf: float, seed: int) -> Optional[dict]:
+    """Paired bootstrap of a - b over the questions both cells answered (percent units)."""
+    if not (a and b and a.n and b.n):
+        return None
+    common = sorted(set(a.rows) & set(b.rows))
+    ci = paired_bootstrap([a.rows[q]["accuracy"] for q in common], [b.rows[q]["accuracy"] for q in common],
+                          samples=samples, confidence=conf, seed=seed)
+    return ci.as_dict(100.0)
+
+
+def detectable_difference(a: Cell, b: Cell, confidence: float) -> Optional[float]:
+    """Smallest difference (points) a two-sided test at ``confidence`` detects with 80% power at
+    this n: (z_{1-alpha/2} + z_{0.8}) * sqrt(var_a + var_b) / sqrt(n), with the per-question
+    variances of both rows.  It ignores the pairing, which only narrows the interval, so it is an
+    upper bound: differences above it are resolvable, differences far below it are not."""
+    from statistics import NormalDist
+
+    if not (a and b and a.n and b.n):
+        return None
+    common = sorted(set(a.rows) & set(b.rows))
+    if len(common) < 2:
+        return None
+    xa = [100.0 * a.rows[q]["accuracy"] for q in common]
+    xb = [100.0 * b.rows[q]["accuracy"] for q in common]
+    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2) + NormalDist().inv_cdf(POWER)
+    return z * math.sqrt(statistics.variance(xa) + statistics.variance(xb)) / math.sqrt(len(common))
+
+
+def reference_comparison(rows: dict[str, dict[int, Optional[Cell]]], refs: list[str], shots: list[int],
+                         samples: int, conf: float, seed: int) -> dict[str, dict[str, list[dict]]]:
+    """Plan and baseline against each reference row (random, retrieval, oracle, ...), per shot:
+    what the testbed's claims ("the selector beats random", "the oracle bounds it") rest on."""
+    out: dict[str, dict[str, list[dict]]] = {}
+    for name in ("plan", "baseline"):
+        if name not in rows:
+            continue
+        out[name] = {}
+        for ref in refs:
+            entries = []
+            for s in shots:
+                p = _paired(rows[name].get(s), rows[ref].get(s), samples, conf, seed * 1000 + s)
+                entries.append({"shot": s, "paired": p})
+            out[name][ref] = entries
+    return out
+
+
+def conclusions(comparison: list[dict], overlap: dict, rows: dict[str, dict[int, Optional[Cell]]],
+                shots: list[int], conf: float) -> dict:
+    """What this report can and cannot conclude: per shot n, CI width and the smallest detectable
+    difference, and the shots where plan and baseline showed identical ICDs (a zero difference
+    there is by construction, not evidence that the plans are equally good)."""
+    per_shot = []
+    for c in comparison:
+        s, p = c["shot"], c.get("paired")
+        a, b = rows["plan"].get(s), rows.get("baseline", {}).get(s)
+        mde = detectable_difference(a, b, conf) if b is not None else None
+        per_shot.append({"shot": s, "n": p["n"] if p else 0,
+                         "ci_width": _r(p["high"] - p["low"]) if p else None,
+                         "detectable_difference": _r(mde)})
+    identical = [int(s) for s, v in (overlap or {}).items()
+                 if v and v.get("n") and v.get("identical_sequence_share") == 1.0]
+    return {"power": POWER, "per_shot": per_shot, "identical_icds_shots": sorted(identical)}
+
+
 def build_report(plan: PlanConfig, baseline: Optional[PlanConfig], inputs: dict[str, UpstreamOutput],
                  baseline_inputs: dict[str, UpstreamOutput], *, partial: bool = False,
                  missing: Optional[list[str]] = None) -> dict:
@@ -192,7 +260,7 @@ def build_report(plan: PlanConfig, baseline: Optional[PlanConfig], inputs: dict[
     base_cells: dict = {}
     if baseline_inputs.get("infer") is not None:
         base_cells = collect(baseline_inputs["infer"].units, variants=["selector"])
-    refs = [v for v in (plan.report.references or plan.infer.baselines)]
+    refs = [v for v in (plan.report.references or reference_variants(plan))]
     rows: dict[str, dict[int, Optional[Cell]]] = {"plan": {s: cells.get(("selector", s)) for s in shots}}
     if baseline is not None:
         rows["baseline"] = {s: base_cells.get(("selector", s)) for s in shots}
@@ -219,11 +287,9 @@ def build_report(plan: PlanConfig, baseline: Optional[PlanConfig], inputs: dict[
         a, b = rows["plan"].get(s), rows.get("baseline", {}).get(s)
         entry: dict[str, Any] = {"shot": s, "plan": accuracy["plan"][str(s)],
                                  "baseline": accuracy.get("baseline", {}).get(str(s))}
-        if a and b and a.n and b.n:
-            common = sorted(set(a.rows) & set(b.rows))
-            ci = paired_bootstrap([a.rows[q]["accuracy"] for q in common], [b.rows[q]["accuracy"] for q in common],
-                                  samples=samples, confidence=conf, seed=plan.infer.seed * 1000 + s)
-            entry.update({"diff": _r(entry["plan"] - entry["baseline"]), "paired": ci.as_dict(100.0)})
+        paired = _paired(a, b, samples, conf, plan.infer.seed * 1000 + s)
+        if paired is not None:
+            entry.update({"diff": _r(entry["plan"] - entry["baseline"]), "paired": paired})
         else:
             entry.update({"diff": None, "paired": None})
         comparison.append(entry)
@@ -287,6 +353,8 @@ def build_report(plan: PlanConfig, baseline: Optional[PlanConfig], inputs: dict[
         },
         "training": training_curves(inputs),
         "icd_overlap": overlap,
+        "reference_comparison": reference_comparison(rows, refs, shots, samples, conf, plan.infer.seed),
+        "conclusions": conclusions(comparison, overlap, rows, shots, conf),
         "reward_data": rd,
         "failed_evaluations": {"predictions": failed_pred, "rl_data": rd["eval_failed"] if rd else None},
         "bootstrap": {"samples": samples, "confidence": conf, "paired_by": "question_id"},

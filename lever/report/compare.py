@@ -12,7 +12,7 @@ import statistics
 from typing import Any, Sequence
 
 from lever.config.schema import PlanConfig
-from lever.pipeline.graph import STAGES, Stage, evaluated_epochs
+from lever.pipeline.graph import STAGES, Stage, evaluated_epochs, reference_variants
 from lever.pipeline.hashing import plan_keys
 from lever.pipeline.store import CorruptArtifact, Store
 from lever.report.predictions import collect
@@ -49,7 +49,7 @@ def compare_plans(plans: Sequence[PlanConfig], store: Store, *, references: bool
     seen_refs: set[str] = set()
     for p in plans:
         ep = [f"epoch{e}" for e in evaluated_epochs(p)] if epochs else []
-        refs = [v for v in p.infer.baselines if v not in seen_refs] if references else []
+        refs = [v for v in reference_variants(p) if v not in seen_refs] if references else []
         table = _cell_table(store, p, stages, ["selector", *ep, *refs])
         rows.append({"name": p.name, "kind": "plan", "acc": {s: table["selector"].get(s) for s in shots}})
         for v in ep:

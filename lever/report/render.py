@@ -40,6 +40,46 @@ def _regression(reg: dict[str, Any]) -> list[str]:
     return out
 
 
+def _ci(p: Optional[dict]) -> str:
+    if not p:
+        return MISSING
+    return f"{p['diff']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}]" + (" *" if p["significant"] else "")
+
+
+def _references(rep: dict[str, Any]) -> list[str]:
+    """Plan and baseline minus each reference row, per shot, with paired intervals."""
+    refs = rep.get("reference_comparison") or {}
+    if not any(refs.values()):
+        return []
+    shots = rep["shots"]
+    rows = [[f"{name} − {ref}"] + [_ci(e["paired"]) for e in entries]
+            for name, by_ref in refs.items() for ref, entries in by_ref.items()]
+    return (["## Against the references", "",
+             "Difference in points, with the paired bootstrap interval; `*` marks intervals that exclude 0.", ""]
+            + _table(["rows"] + [f"shot {s}" for s in shots], rows) + [""])
+
+
+def _conclusions(rep: dict[str, Any]) -> list[str]:
+    """What the numbers can and cannot say at this n."""
+    con = rep.get("conclusions")
+    if not con or not rep.get("baseline_plan"):
+        return []
+    conf = int(rep["bootstrap"]["confidence"] * 100)
+    L = ["## What this report can conclude", "",
+         f"Plan vs baseline: n questions per shot, the width of the {conf}% interval, and the smallest "
+         f"difference this n detects ({conf}% two-sided, {int(con['power'] * 100)}% power, ignoring the "
+         "pairing, so an upper bound). Differences well below it are not resolvable here.", ""]
+    L += _table(["shot", "n", "CI width (points)", "detectable difference (points)"],
+                [[str(e["shot"]), str(e["n"]), _f(e["ci_width"]), _f(e["detectable_difference"])]
+                 for e in con["per_shot"]])
+    for s in con.get("identical_icds_shots", []):
+        L.append("")
+        L.append(f"- shot {s}: plan and baseline chose **identical ICD sequences** for every question, so their "
+                 "difference is 0 by construction; this says nothing about whether the plan's training helped.")
+    L.append("")
+    return L
+
+
 def render_markdown(rep: dict[str, Any], plots: list[str]) -> str:
     L: list[str] = []
     L.append(f"# Lever report: {rep['plan']}" + (f" vs {rep['baseline_plan']}" if rep["baseline_plan"] else ""))
@@ -84,6 +124,8 @@ def render_markdown(rep: dict[str, Any], plots: list[str]) -> str:
                  "`*` marks intervals that exclude 0.")
         L += _regression(rep["regression"])
         L.append("")
+    L += _conclusions(rep)
+    L += _references(rep)
     L.append("## Chosen checkpoint")
     L.append("")
     ck = rep.get("checkpoint")

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 
 from lever.pipeline.context import StageError
-from lever.rl.rewards import compute_reward, reward_kwargs
+from lever.rl.rewards import plan_reward
 from lever.selectors.pointer import PointerSelector, step_logprobs
 
 
@@ -102,7 +102,7 @@ def build_groups(
             correct[i, j] = bool(c.get("correct", False))
             if reward_cfg is not None:
                 try:
-                    rewards[i, j] = compute_reward(c, reward_cfg.mode, **reward_kwargs(reward_cfg))
+                    rewards[i, j] = plan_reward(c, reward_cfg)
                 except ValueError as e:
                     raise StageError(f"query_id {qid}: candidates[{j}]: {e}") from None
             elif reward_field is not None:

@@ -71,6 +71,14 @@ def compute_reward(
     return max(-REWARD_CLIP, min(REWARD_CLIP, r))
 
 
+def plan_reward(record: dict, cfg: Any) -> float:
+    """The reward a plan trains on: ``compute_reward`` with the ``RewardConfig``'s mode and weights,
+    sign-flipped under the ``negate`` ablation (a deliberately harmful signal that an evaluation
+    able to tell a working selector from a broken one must catch)."""
+    r = compute_reward(record, cfg.mode, **reward_kwargs(cfg))
+    return -r if getattr(cfg, "negate", False) else r
+
+
 def reward_kwargs(cfg: Any) -> dict[str, float]:
     """Keyword weights from a ``RewardConfig`` (so callers need not list them)."""
     return {

@@ -73,6 +73,24 @@ class PointerSelector(nn.Module):
         self.score_c = nn.Linear(h, h)
         self.temperature = float(cfg.temperature)
         self.dropout = float(cfg.dropout)
+        if getattr(cfg, "init", "default") == "siamese":
+            self._siamese_init()
+
+    @torch.no_grad()
+    def _siamese_init(self) -> None:
+        """Start as retrieval: one orthogonal projection on both sides, identity scoring layers and
+        zero cross-attention outputs (residual branches that start as the identity), so the first
+        scores are the cosine of the embeddings, up to the query path's LayerNorm."""
+        nn.init.orthogonal_(self.query_proj.weight)
+        self.cand_proj.weight.copy_(self.query_proj.weight)
+        for lin in (self.query_proj, self.cand_proj):
+            lin.bias.zero_()
+        for lin in (self.score_q, self.score_c):
+            lin.weight.copy_(torch.eye(lin.weight.shape[0]))
+            lin.bias.zero_()
+        for layer in self.layers:
+            layer.attn.out_proj.weight.zero_()
+            layer.attn.out_proj.bias.zero_()
 
     # -- building blocks -------------------------------------------------------------------
     def encode(self, query_emb: torch.Tensor, cand_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
