@@ -21,18 +21,24 @@ def _cell(variant: str, shot: int, accs: list[float], icds: list[list[int]] | No
 
 
 def test_detectable_difference_hand_worked():
-    # plan: 4 of 8 right (sample variance of 0/100 points: 4*(50^2)*2/7 = 2857.14...), baseline: 2 of 8
+    # plan 4 of 8 right, baseline 2 of 8, on the same questions: per-question differences (points)
+    # are [0, 0, 100, 100, 0, 0, 0, 0], mean 25, sample variance (2*75^2 + 6*25^2)/7
     a = _cell("selector", 1, [1, 1, 1, 1, 0, 0, 0, 0])
     b = _cell("selector", 1, [1, 1, 0, 0, 0, 0, 0, 0])
-    var_a = (4 * 50 ** 2 + 4 * 50 ** 2) / 7
-    var_b = (2 * 75 ** 2 + 6 * 25 ** 2) / 7
+    var_d = (2 * 75 ** 2 + 6 * 25 ** 2) / 7
     z = 1.959963984540054 + 0.8416212335729143  # 95% two-sided + 80% power
-    want = z * math.sqrt(var_a + var_b) / math.sqrt(8)
+    want = z * math.sqrt(var_d) / math.sqrt(8)
     assert detectable_difference(a, b, 0.95) == pytest.approx(want, rel=1e-9)
+    # the pairing matters: the same two rows with the baseline's right answers on other questions
+    # differ on 6 questions instead of 2, and need a larger difference to be resolved
+    b_shuffled = _cell("selector", 1, [0, 0, 0, 0, 0, 0, 1, 1])
+    assert detectable_difference(a, b_shuffled, 0.95) > 1.5 * want
     # more questions, same spread: it shrinks as 1/sqrt(n)
     a4 = _cell("selector", 1, [1, 1, 1, 1, 0, 0, 0, 0] * 4)
     b4 = _cell("selector", 1, [1, 1, 0, 0, 0, 0, 0, 0] * 4)
     assert detectable_difference(a4, b4, 0.95) < want / 1.9
+    # rows that never differ: nothing to resolve
+    assert detectable_difference(a, a, 0.95) is None
 
 
 def test_identical_icds_are_named_and_widths_reported():

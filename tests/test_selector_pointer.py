@@ -140,3 +140,26 @@ def test_exact_kl_matches_brute_force_sum_and_is_zero_for_identical_models():
     assert float(exact_kl(lp, lr)[0]) == pytest.approx(brute, abs=1e-6)
     assert float(exact_kl(lp, lp)[0]) == 0.0
     assert float(entropy(lp)[0]) > 0
+
+
+@pytest.mark.parametrize("init", ["siamese", "default"])
+def test_siamese_init_scores_by_cosine_of_shared_projection(init):
+    """`selector.init: siamese` starts as retrieval: the first pick's logits are the cosine of
+    LayerNorm(W q) and W c over the temperature, W one orthogonal matrix shared by both sides.
+    The default initialisation must not satisfy this (otherwise the test proves nothing)."""
+    cfg = SelectorConfig(hidden=8, layers=2, heads=2, dropout=0.0, temperature=0.5, init=init)
+    model = build_selector(8, cfg, seed=3).eval()
+    q, c = _inputs(B=2, K=5, d=8, seed=4)
+    with torch.no_grad():
+        s, cs, keys = model.encode(q, c)
+        got = model.step_logits(s, cs, keys, torch.ones(2, 5, dtype=torch.bool))
+        w = model.query_proj.weight
+        qs = torch.nn.functional.layer_norm(q @ w.T, (8,))
+        for _ in range(1, cfg.layers):  # each layer's LayerNorm of an unchanged residual
+            qs = torch.nn.functional.layer_norm(qs, (8,))
+        want = torch.nn.functional.cosine_similarity(qs.unsqueeze(1), c @ w.T, dim=-1) / cfg.temperature
+    if init == "siamese":
+        assert torch.allclose(w @ w.T, torch.eye(8), atol=1e-5)
+        assert torch.allclose(got, want, atol=1e-4)
+    else:
+        assert not torch.allclose(got, want, atol=1e-2)

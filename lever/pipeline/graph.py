@@ -160,9 +160,11 @@ GUARD_FIELDS: tuple[str, ...] = ("alerts.guard", "alerts.kl_max", "alerts.kl_gro
 
 STAGES: tuple[Stage, ...] = (
     Stage("prepare-data", "lever.data.stage:prepare_data", (), ("data",),
+          version=2,  # 2: synthetic generator v5 (planted code-word signal, planted_value annotations)
           description="normalized dataset index (train/val, fixed question_id order)"),
     Stage("export-embeddings", "lever.models.embed_stage:export_embeddings", ("prepare-data",), ("encoder",),
-          gpu=True, description="query/candidate CLIP-style embeddings (safetensors)"),
+          gpu=True, version=2,  # 2: the tiny CLIP spreads its image embeddings (encoder._spread)
+          description="query/candidate CLIP-style embeddings (safetensors)"),
     Stage("generate-beams", "lever.sampling.stages:generate_beams", ("prepare-data", "export-embeddings"),
           ("sampler", "lvlm", "beam", "seed"), fanout="shard", gpu=True,
           description="InfoScore beam search with the LVLM, sharded by query range"),
@@ -194,7 +196,8 @@ STAGES: tuple[Stage, ...] = (
           ("infer", "generate-rl-data", "train-rce", "train-grpo", "select-checkpoint"),
           ("name", "baseline_plan", "report", "infer.shots", "checkpoint.evaluate_epochs",
            "alerts.regression_margin", "alerts.regression_rule"),
-          with_baseline=True, description="report.md, report.json and plots against the baseline plan"),
+          with_baseline=True, version=2,  # 2: conclusions, reference_comparison, oracle rows
+          description="report.md, report.json and plots against the baseline plan"),
 )
 
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}

@@ -198,10 +198,10 @@ def _paired(a: Cell, b: Cell, samples: int, conf: float, seed: int) -> Optional[
 
 
 def detectable_difference(a: Cell, b: Cell, confidence: float) -> Optional[float]:
-    """Smallest difference (points) a two-sided test at ``confidence`` detects with 80% power at
-    this n: (z_{1-alpha/2} + z_{0.8}) * sqrt(var_a + var_b) / sqrt(n), with the per-question
-    variances of both rows.  It ignores the pairing, which only narrows the interval, so it is an
-    upper bound: differences above it are resolvable, differences far below it are not."""
+    """Smallest difference (points) a two-sided paired test at ``confidence`` detects with 80% power
+    at this n: (z_{1-alpha/2} + z_{0.8}) * sd(d) / sqrt(n), d the per-question differences of the two
+    rows -- the same pairing the bootstrap interval uses, so the two figures are on one scale.
+    None when the rows never differ on a question (nothing to resolve: see identical ICDs)."""
     from statistics import NormalDist
 
     if not (a and b and a.n and b.n):
@@ -209,10 +209,12 @@ def detectable_difference(a: Cell, b: Cell, confidence: float) -> Optional[float
     common = sorted(set(a.rows) & set(b.rows))
     if len(common) < 2:
         return None
-    xa = [100.0 * a.rows[q]["accuracy"] for q in common]
-    xb = [100.0 * b.rows[q]["accuracy"] for q in common]
+    d = [100.0 * (a.rows[q]["accuracy"] - b.rows[q]["accuracy"]) for q in common]
+    sd = statistics.stdev(d)
+    if sd == 0.0:
+        return None
     z = NormalDist().inv_cdf(1 - (1 - confidence) / 2) + NormalDist().inv_cdf(POWER)
-    return z * math.sqrt(statistics.variance(xa) + statistics.variance(xb)) / math.sqrt(len(common))
+    return z * sd / math.sqrt(len(common))
 
 
 def reference_comparison(rows: dict[str, dict[int, Optional[Cell]]], refs: list[str], shots: list[int],

@@ -67,8 +67,9 @@ def _conclusions(rep: dict[str, Any]) -> list[str]:
     conf = int(rep["bootstrap"]["confidence"] * 100)
     L = ["## What this report can conclude", "",
          f"Plan vs baseline: n questions per shot, the width of the {conf}% interval, and the smallest "
-         f"difference this n detects ({conf}% two-sided, {int(con['power'] * 100)}% power, ignoring the "
-         "pairing, so an upper bound). Differences well below it are not resolvable here.", ""]
+         f"difference this n detects ({conf}% two-sided paired test, {int(con['power'] * 100)}% power, from the "
+         "spread of the per-question differences). Differences well below it are not resolvable here; "
+         "`—` means the two rows never differ on a question.", ""]
     L += _table(["shot", "n", "CI width (points)", "detectable difference (points)"],
                 [[str(e["shot"]), str(e["n"]), _f(e["ci_width"]), _f(e["detectable_difference"])]
                  for e in con["per_shot"]])
