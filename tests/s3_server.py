@@ -38,3 +38,21 @@ def client(endpoint: str):
     import boto3
 
     return boto3.client("s3", endpoint_url=endpoint, region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+
+
+@contextmanager
+def moto_s3_behind_proxy(monkeypatch, env: dict[str, str], **proxy_kwargs) -> Iterator[tuple]:
+    """:func:`moto_s3` with a :class:`s3_faults.FaultProxy` in front and Lever pointed at the proxy,
+    so faults (or a gate serializing conditional requests) reach the real client code paths.
+    ``env`` adds Lever's S3 settings for the test; yields (upstream, proxy, direct client, bucket)."""
+    from s3_faults import FaultProxy
+
+    with moto_s3(monkeypatch) as (upstream, bucket):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        proxy = FaultProxy(upstream, **proxy_kwargs).start()
+        monkeypatch.setenv("LEVER_S3_ENDPOINT", proxy.url)
+        try:
+            yield upstream, proxy, client(upstream), bucket
+        finally:
+            proxy.stop()

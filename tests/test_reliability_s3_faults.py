@@ -16,8 +16,8 @@ import pytest
 
 from lever.pipeline.s3 import S3Store
 from lever.pipeline.store import CorruptArtifact, StoreError
-from s3_faults import Fault, FaultProxy
-from s3_server import TEST_KEY_ID, TEST_SECRET
+from s3_faults import Fault
+from s3_server import moto_s3_behind_proxy
 
 pytestmark = pytest.mark.integration
 
@@ -26,30 +26,11 @@ BIG = 13 * MB  # > the 6 MB threshold set below: 3 parts of >= 5 MB (S3's minimu
 
 
 @pytest.fixture()
-def s3(monkeypatch, tmp_path):
+def s3(monkeypatch):
     """moto server + a bucket + a fault proxy in front; the environment points Lever at the proxy."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    upstream = f"http://{host}:{port}"
-    for k, v in {"AWS_ACCESS_KEY_ID": TEST_KEY_ID, "AWS_SECRET_ACCESS_KEY": TEST_SECRET,
-                 "AWS_DEFAULT_REGION": "us-east-1", "LEVER_S3_MULTIPART_THRESHOLD": str(6 * MB),
-                 "LEVER_S3_MAX_ATTEMPTS": "6"}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    bucket = f"lever-{uuid.uuid4().hex[:8]}"
-    direct = boto3.client("s3", endpoint_url=upstream, region_name="us-east-1")
-    direct.create_bucket(Bucket=bucket)
-    proxy = FaultProxy(upstream, seed=7).start()
-    monkeypatch.setenv("LEVER_S3_ENDPOINT", proxy.url)
-    try:
+    env = {"LEVER_S3_MULTIPART_THRESHOLD": str(6 * MB), "LEVER_S3_MAX_ATTEMPTS": "6"}
+    with moto_s3_behind_proxy(monkeypatch, env, seed=7) as (_, proxy, direct, bucket):
         yield proxy, direct, bucket
-    finally:
-        proxy.stop()
-        server.stop()
 
 
 def _artifact(store: S3Store, key: str, payload: bytes) -> dict:

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,7 @@ from lever.pipeline.lease import (
 from lever.pipeline.s3 import S3Store
 from lever.pipeline.store import CorruptArtifact, LocalStore
 from s3_faults import FaultProxy
-from s3_server import TEST_KEY_ID, TEST_SECRET
+from s3_server import moto_s3_behind_proxy
 
 FAST = LeaseSettings(ttl_s=1.0, heartbeat_s=0.2, poll_s=0.05)
 
@@ -164,30 +163,11 @@ def test_local_release_never_lets_two_in(tmp_path):
 # -- S3: conditional writes on moto's server -------------------------------------------------------
 
 @pytest.fixture()
-def s3(monkeypatch, tmp_path):
+def s3(monkeypatch):
     """moto server, a bucket, and a gate proxy in front that serializes conditional requests."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    upstream = f"http://{host}:{port}"
-    for k, v in {"AWS_ACCESS_KEY_ID": TEST_KEY_ID, "AWS_SECRET_ACCESS_KEY": TEST_SECRET,
-                 "AWS_DEFAULT_REGION": "us-east-1", "LEVER_S3_MAX_ATTEMPTS": "3"}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
     monkeypatch.delenv("LEVER_LEASES", raising=False)
-    bucket = f"lever-{uuid.uuid4().hex[:8]}"  # moto's state outlives a server: a fresh bucket per test
-    direct = boto3.client("s3", endpoint_url=upstream, region_name="us-east-1")
-    direct.create_bucket(Bucket=bucket)
-    proxy = FaultProxy(upstream, gate=threading.Lock()).start()
-    monkeypatch.setenv("LEVER_S3_ENDPOINT", proxy.url)
-    try:
-        yield upstream, proxy, direct, bucket
-    finally:
-        proxy.stop()
-        server.stop()
+    with moto_s3_behind_proxy(monkeypatch, {"LEVER_S3_MAX_ATTEMPTS": "3"}, gate=threading.Lock()) as env:
+        yield env
 
 
 def test_the_test_server_enforces_conditional_requests_like_aws(s3):

@@ -262,6 +262,16 @@ class NoLeases(LeaseBackend):
         return False
 
 
+def _remove_then_close(fd: int, *paths: Path) -> None:
+    """Remove a lease's files while still holding its lock (nobody else can be using them), then
+    release the lock by closing ``fd``."""
+    try:
+        for p in paths:
+            p.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
 class FileLeases(LeaseBackend):
     """Leases of a local store: ``flock`` on ``{root}/.leases/{key}.lock`` plus ``{key}.json``
     naming the holder.  Release unlinks the lock file while still holding it; an acquirer checks
@@ -330,14 +340,7 @@ class FileLeases(LeaseBackend):
         if fd is None:
             return
         lock, info = self._paths(rec.key)
-        try:
-            for p in (info, lock):  # still holding the lock: nobody else can be using either file
-                try:
-                    p.unlink()
-                except FileNotFoundError:
-                    pass
-        finally:
-            os.close(fd)
+        _remove_then_close(fd, info, lock)
 
     def read(self, key: str) -> Optional[LeaseRecord]:
         info = self._paths(key)[1]
@@ -374,14 +377,7 @@ class FileLeases(LeaseBackend):
         fd = self._lock_fd(lock)
         if fd is None:
             return False  # its holder is alive
-        try:
-            for p in (info, lock):
-                try:
-                    p.unlink()
-                except FileNotFoundError:
-                    pass
-        finally:
-            os.close(fd)
+        _remove_then_close(fd, info, lock)
         return True
 
 
