@@ -57,7 +57,10 @@ def run_campaign(camp: Campaign, runs: list, store: Store, *, stages: Sequence[S
                 console.print(f"[bold]campaign {camp.name}: member {i}/{len(runs)}: {label}[/bold]", highlight=False)
             res = run_plan(plan, store, baseline=base, stages=stages, jobs=jobs, run_id=summary.run_id,
                            console=console, pool=pool).results
-            keys = {r.key: r.status for r in res}
+            keys: dict[str, str] = {}
+            for r in res:  # a key can appear twice (the baseline built it, the plan found it): built wins
+                if keys.get(r.key) not in ("built", "rebuilt"):
+                    keys[r.key] = r.status
             for k, s in keys.items():
                 users[k] += 1
                 if s in ("built", "rebuilt"):
