@@ -144,7 +144,7 @@ def render_markdown(board: dict, plots: Sequence[str] = ()) -> str:
     if complete:
         base = complete[0]
         same = all(r["baseline"] == base["baseline"] for r in complete)
-        label = f"{board['baseline']} (baseline)" + ("" if same else " ¹")
+        label = board["baseline"] + ("" if board["baseline"] == "baseline" else " (baseline)") + ("" if same else " ¹")
         cells = [_cell(base["baseline"][str(k)]) for k in shots]
         row = f"| {label} | " + " | ".join(cells) + f" | {_cell(base['baseline_average'])} | | | |"
         if head.endswith("diff) |"):
@@ -226,7 +226,7 @@ def write_sweep_plot(board: dict, out: Path) -> list[str]:
                 if r["best"]:
                     ax.annotate("best", (x, r["diff"]), textcoords="offset points", xytext=(4, 6))
         ax.axhline(0.0, color="grey", lw=1, ls="--")
-        if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 20:
+        if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10:
             ax.set_xscale("log")
         ax.set_xlabel(f)
         ax.set_ylabel("avg accuracy diff vs baseline (points)")
