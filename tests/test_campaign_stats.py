@@ -155,3 +155,13 @@ def _md(board: dict) -> str:
 
     board = dict(board, campaign="t", baseline="baseline", seeds=None)
     return render_markdown(board)
+
+
+def test_a_member_significantly_worse_is_a_regression_only_beyond_the_margin():
+    base = _baseline()
+    worse = MemberData("worse", {None: (_member(base, 5, 60), base)})  # -55 of 400: -13.75 points
+    null = MemberData("null", {None: (_member(base, 10, 10), base)})
+    board = build_leaderboard([worse, null], SHOTS, permutations=5000, bootstrap_samples=500, margin=5.0)
+    assert board["regressions"] == ["worse"] and board["best"] is None
+    board = build_leaderboard([worse, null], SHOTS, permutations=5000, bootstrap_samples=500, margin=20.0)
+    assert board["regressions"] == []
