@@ -52,17 +52,20 @@ def run_cmd(
     camp, runs = load_and_resolve(file, profile)
     st = _open(store)
     if dry_run:
-        from lever.pipeline.runner import Pipeline
+        from lever.pipeline.runner import Pipeline, stage_closure
 
         seen: dict[str, str] = {}
         for m, seed, plan, base in runs:
             pipe = Pipeline(plan, st, baseline=base)
-            keys = [pipe.key(s.name, u) for s in pipe.stages for u in pipe.select_units(s.name)]
+            bpipe = Pipeline(base, st)
+            reads = stage_closure([n for s in pipe.stages if s.with_baseline for n in s.inputs])
+            keys = list(dict.fromkeys([bpipe.key(n, u) for n in reads for u in bpipe.select_units(n)]
+                                      + [pipe.key(s.name, u) for s in pipe.stages for u in pipe.select_units(s.name)]))
             new = [k for k in keys if k not in seen]
             cached = sum(1 for k in new if st.check(k) == [])
             for k in new:
                 seen[k] = m.name
-            typer.echo(f"{m.name}{f' seed {seed}' if seed is not None else ''}: {len(keys)} units, "
+            typer.echo(f"{m.name}{f' seed {seed}' if seed is not None else ''}: {len(keys)} units with its baseline's, "
                        f"{len(keys) - len(new)} shared with earlier members, {len(new)} own ({cached} cached)")
         return
     try:
