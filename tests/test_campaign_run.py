@@ -85,3 +85,18 @@ def test_report_before_the_run_lists_every_member_as_missing(tmp_path):
     assert status == "partial" and key == "partial/campaign-fake-sweep/r1"
     assert len(board["incomplete"]) == 2 and board["best"] is None
     assert "## Missing" in (store.open(key) / "leaderboard.md").read_text()
+
+
+def test_seed_repeats_run_member_and_baseline_per_seed(tmp_path, fake_log):
+    p = tmp_path / "seeds.yaml"
+    p.write_text(f"name: s\nshots: [1, 2]\nseeds: [1, 2]\nset: {SMALL}\nplans: [plan5]\n"
+                 "leaderboard: {bootstrap_samples: 200, permutations: 2000}\n")
+    camp, runs = load_and_resolve(p, "tiny")
+    s = run_campaign(camp, runs, LocalStore(tmp_path / "store"), stages=fake_stages(), jobs=1)
+    calls = read_log(fake_log)
+    # the seed is in the keys of everything seeded: two baselines, two RCE, two beams per shard
+    assert Counter(c[1] for c in calls)["train-rce"] == 2 and Counter(c[1] for c in calls)["generate-beams"] == 4
+    (row,) = s.board["rows"]
+    assert row["complete"] and [x["seed"] for x in row["per_seed"]] == [1, 2]
+    assert row["seed_spread"]["diff_sd"] is not None
+    assert "seed sd" in Path(s.leaderboard).read_text()
