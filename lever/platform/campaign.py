@@ -30,7 +30,7 @@ from lever.config.loader import overrides_json
 from lever.config.schema import PlanConfig, PlatformConfig
 from lever.pipeline.graph import STAGES, UNIT_ID_SEP, pod_groups
 from lever.pipeline.graph import stage as graph_stage
-from lever.pipeline.hashing import PlanKeys, plan_keys
+from lever.pipeline.hashing import PlanKeys, artifact_key, plan_keys
 from lever.pipeline.runner import baseline_overrides, stage_closure
 from lever.platform import pods
 from lever.platform.workflows import (
@@ -108,16 +108,16 @@ def plan_tasks(camp: Campaign, runs: list) -> list[CampaignTask]:
         for st in STAGES:
             if st.name not in p.stages:
                 continue
-            units = [(u, f"{st.name}/{h}") for u, h in p.keys.units[st.name]]
+            units = [(u, artifact_key(st.name, h)) for u, h in p.keys.units[st.name]]
             new = [(u, k) for u, k in units if k not in owner]
             deps: set[str] = set()
             for u, _ in new:
                 for name in st.inputs_for(u):
-                    deps.update(owner[f"{name}/{h}"] for _, h in p.keys.units[name])
+                    deps.update(owner[artifact_key(name, h)] for _, h in p.keys.units[name])
                 if st.with_baseline and p.baseline_keys is not None:
                     bk = p.baseline_keys
                     for name in st.inputs:
-                        deps.update(owner[f"{name}/{h}"] for _, h in bk.units[name])
+                        deps.update(owner[artifact_key(name, h)] for _, h in bk.units[name])
             if not new:
                 continue
             name = f"{p.slug}-{st.name}"
