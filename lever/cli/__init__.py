@@ -15,6 +15,7 @@ from lever.cli import validate as _validate  # noqa: F401
 from lever.cli import bench as _bench  # noqa: F401
 from lever.cli import store as _store  # noqa: F401
 from lever.cli import models as _models  # noqa: F401
+from lever.cli import campaign as _campaign  # noqa: F401
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from lever.config.loader import PlanError

@@ -676,16 +676,20 @@ def run_plan(
     force: Iterable[str] = (),
     fresh: bool = False,
     console: Any = None,
+    pool: Optional[WorkerPool] = None,
 ) -> RunSummary:
     """``lever run``: the baseline plan's needed stages (shared units come from the store), then
-    every stage of the plan in order.  ``only`` restricts to some stages plus their inputs."""
+    every stage of the plan in order.  ``only`` restricts to some stages plus their inputs.
+    ``pool``: worker processes owned by the caller (a campaign runs many plans on one pool, so the
+    workers load the LVLM once); by default the run starts and closes its own."""
     t0 = time.monotonic()
     pipe = Pipeline(plan, store, stages=stages, baseline=baseline, run_id=run_id)
     summary = RunSummary(pipe.run_id)
     jobs = jobs or default_jobs(plan)
     names = stage_closure(only, stages) if only else [s.name for s in stages]
     base_reads = [n for s in stages if s.name in names and s.with_baseline for n in s.inputs]
-    pool = WorkerPool(jobs, gpus=gpu_count(plan) if plan.lvlm.device in ("cuda", "auto") else 0)
+    own_pool = pool is None
+    pool = pool or WorkerPool(jobs, gpus=gpu_count(plan) if plan.lvlm.device in ("cuda", "auto") else 0)
     pipe.pool = pool
     try:
         if baseline is not None and base_reads:
@@ -697,7 +701,8 @@ def run_plan(
         _print(console, f"[bold]plan {plan.name}[/bold] ({len(names)} stages) -> {store.url}")
         summary.results += run_stages(pipe, names, jobs=jobs, console=console, force=force, fresh=fresh)
     finally:
-        pool.close()
+        if own_pool:
+            pool.close()
     summary.seconds = time.monotonic() - t0
     report_stage = next((s.name for s in stages if s.with_baseline and s.name in names), None)
     if report_stage is not None:
