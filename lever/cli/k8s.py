@@ -114,7 +114,7 @@ def submit_cmd(
         try:
             wf = render.plan_workflow(plan, profile, set_)
         except PlanError as exc:
-            raise _fail(str(exc)) from None
+            raise _fail(_one_line(exc)) from None
         _submit_kube(wf, namespace, kubeconfig, context)
         return
     if not host:
@@ -135,6 +135,11 @@ def submit_cmd(
     name = created.metadata.name
     typer.echo(name)
     typer.echo(wf.workflows_service.get_workflow_link(name))
+
+
+def _one_line(exc: Exception) -> str:
+    """A multi-line plan error ("invalid plan:" + one indented line per problem) as one line."""
+    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
 
 
 def _submit_kube(wf: Any, namespace: Optional[str], kubeconfig: Optional[Path], context: Optional[str]) -> None:

@@ -33,7 +33,7 @@ PART_OF_SELECTOR = "app.kubernetes.io/part-of=lever"
 
 FINISHED = ("Succeeded", "Failed", "Error")
 FAILED = ("Failed", "Error")
-_SECTION_OF_DAG = {"baseline": "baseline", PIPELINE: "plan"}  # DAG task display name -> section
+_SECTION_OF_DAG = {"baseline": "baseline", PIPELINE: "plan", "candidate": "plan"}  # nightly: baseline, candidate  # DAG task display name -> section
 
 
 @dataclass
@@ -142,7 +142,8 @@ def _list_total(node: dict) -> Optional[int]:
     return len(items) if isinstance(items, list) else None
 
 
-def _aggregate(units: list[dict], total: Optional[int], skipped: bool) -> tuple[str, int, int, int]:
+def _aggregate(units: list[dict], total: Optional[int], skipped: bool, listed: bool) -> tuple[str, int, int, int]:
+    """(phase, done, running, failed) of one stage; ``listed``: its unit list is known (fan-out)."""
     done = sum(u.get("phase") == "Succeeded" for u in units)
     running = sum(u.get("phase") in ("Running", "Pending") for u in units)
     failed = sum(u.get("phase") in FAILED for u in units)
@@ -154,7 +155,7 @@ def _aggregate(units: list[dict], total: Optional[int], skipped: bool) -> tuple[
         phase = "Succeeded"
     elif skipped or (units and all(u.get("phase") in ("Skipped", "Omitted") for u in units)):
         phase = "Skipped"
-    elif units or total is not None:
+    elif units or listed:
         phase = "Running"
     else:
         phase = "Pending"
@@ -198,9 +199,14 @@ def run_status(wf: dict) -> RunStatus:
                 summarized = True
         elif ntype in ("Skipped",) or n.get("phase") in ("Skipped", "Omitted"):
             skipped.add(key)
-        if ntype == "Pod" and n.get("phase") in FAILED:
-            failures.append(FailedNode(section, stage, n.get("name") or n.get("displayName", nid), nid,
-                                       n["phase"], (n.get("outputs") or {}).get("exitCode"), n.get("message", "")))
+        # a unit that failed for good: its last attempt (a retried attempt that later succeeded is not)
+        last = n
+        if ntype == "Retry" and n.get("phase") in FAILED and n.get("children"):
+            last = nodes.get(n["children"][-1], n)
+        if (ntype == "Retry" or (ntype == "Pod" and not under_retry)) and last.get("phase") in FAILED:
+            failures.append(FailedNode(section, stage, last.get("name") or last.get("displayName", nid), last["id"],
+                                       last["phase"], (last.get("outputs") or {}).get("exitCode"),
+                                       last.get("message") or n.get("message", "")))
 
     stages: list[StageProgress] = []
     sections = ["baseline", "plan"] if any(k[0] == "baseline" for k in (*units, *totals)) else ["plan"]
@@ -211,7 +217,7 @@ def run_status(wf: dict) -> RunStatus:
             total = totals.get(key) if st.fanout != "none" else 1
             if st.fanout != "none" and total is None and us and key in totals:
                 total = len(us)
-            phase, done, running, failed = _aggregate(us, total, key in skipped)
+            phase, done, running, failed = _aggregate(us, total, key in skipped, key in totals)
             stages.append(StageProgress(section, st.name, phase, done, total, running, failed, retries.get(key, 0)))
     labels = meta.get("labels") or {}
     return RunStatus(
