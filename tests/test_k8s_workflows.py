@@ -497,7 +497,8 @@ def test_submit_builds_the_argo_server_request():
 
 def test_submit_without_server_is_a_user_error():
     env = {k: "" for k in ("ARGO_SERVER", "ARGO_TOKEN")}
-    res = _lever("submit", "plan5", env=env)
+    # --via argo-server: since issue 14 the default without ARGO_SERVER is the Kubernetes API
+    res = _lever("submit", "plan5", "--via", "argo-server", env=env)
     assert res.returncode == 2 and "ARGO_SERVER" in res.stderr
 
 
@@ -516,3 +517,46 @@ def test_submit_sends_validated_overrides():
     with pytest.raises(PlanError, match="infer.units_per_pod"):
         build_submission("plan5", "cluster", host="https://argo.example:2746", token=None, namespace="ml",
                          session=_RecordingSession(), overrides=["infer.units_per_pod=0"])
+
+
+# ------------------------------------------------------------------ the label contract (docs/kubernetes.md)
+
+
+def _pod_templates(doc: dict) -> list[dict]:
+    return [t for t in _templates(doc).values() if "container" in t]
+
+
+def test_every_pod_and_workflow_carries_the_run_labels(files, template, cron):
+    """`lever status/logs/runs/delete` select on these labels: every pod template carries plan,
+    run id and stage; Workflows get plan and run id (the template and the cron set them with
+    workflowMetadata.labelsFrom, since the run id is the generated name)."""
+    from lever.platform.pods import PLAN_LABEL, RUN_ID_LABEL, STAGE_LABEL
+    from lever.platform.workflows import RUN_ID_EXPR_BARE
+
+    pull = yaml.safe_load(files["workflows/lever-models-pull-template.yaml"])
+    for doc in (template, cron, pull):
+        pods = _pod_templates(doc)
+        assert pods
+        for t in pods:
+            labels = t["metadata"]["labels"]
+            assert {PLAN_LABEL, RUN_ID_LABEL, STAGE_LABEL} <= set(labels), (doc["metadata"]["name"], t["name"])
+            assert labels[PLAN_LABEL] == "{{inputs.parameters.plan}}" or doc is pull
+    stage_pods = [t for t in _pod_templates(template) if t["name"].startswith("stage-")]
+    assert {t["metadata"]["labels"][RUN_ID_LABEL] for t in stage_pods} == {"{{inputs.parameters.run-id}}"}
+    for doc in (template, cron["spec"]["workflowSpec"], pull):
+        spec = doc.get("spec", doc)
+        label_from = spec["workflowMetadata"]["labelsFrom"]
+        assert set(label_from) == {PLAN_LABEL, RUN_ID_LABEL}
+    assert template["spec"]["workflowMetadata"]["labelsFrom"][RUN_ID_LABEL]["expression"] == RUN_ID_EXPR_BARE
+    for name in list_plans():
+        assert yaml.safe_load(files[f"workflows/{name}.yaml"])["metadata"]["labels"][PLAN_LABEL] == name
+
+
+def test_finished_pods_and_runs_are_garbage_collected(template, cron, files):
+    """Succeeded pods go at once (podGC), the Workflow and its remaining pods after a week (TTL);
+    plan Workflows inherit both through workflowTemplateRef."""
+    for spec in (template["spec"], cron["spec"]["workflowSpec"]):
+        assert spec["podGC"] == {"strategy": "OnPodSuccess"}
+        assert spec["ttlStrategy"] == {"secondsAfterCompletion": 7 * 24 * 3600}
+    plan = yaml.safe_load(files["workflows/plan5.yaml"])
+    assert plan["spec"]["workflowTemplateRef"] == {"name": TEMPLATE_NAME} and "podGC" not in plan["spec"]

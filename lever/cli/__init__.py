@@ -10,6 +10,7 @@ from lever.cli.app import app
 from lever.cli import plans as _plans  # noqa: F401  (registers commands)
 from lever.cli import pipeline as _pipeline  # noqa: F401
 from lever.cli import k8s as _k8s  # noqa: F401
+from lever.cli import runs as _runs  # noqa: F401
 from lever.cli import obs as _obs  # noqa: F401
 from lever.cli import validate as _validate  # noqa: F401
 from lever.cli import bench as _bench  # noqa: F401

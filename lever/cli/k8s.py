@@ -82,20 +82,41 @@ def build_submission(plan: str, profile: str, *, host: str, token: Optional[str]
     return wf
 
 
+VIA_KUBE = "kube"
+VIA_ARGO = "argo-server"
+
+
 @app.command("submit")
 def submit_cmd(
     plan: str = typer.Argument(..., help="plan to run on the cluster"),
     profile: str = typer.Option("cluster", "--profile", "-p"),
     set_: list[str] = typer.Option([], "--set", help="config override KEY=VALUE for every pod (repeatable); "
                                    "validated against the plan schema before submission"),
-    namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help=f"default ${ENV_NAMESPACE} or the platform namespace"),
-    server: Optional[str] = typer.Option(None, "--server", help=f"Argo server URL (default ${ENV_SERVER})"),
+    namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help=f"kube: the kubeconfig context's; "
+                                            f"argo-server: ${ENV_NAMESPACE}; else the platform namespace"),
+    via: Optional[str] = typer.Option(None, "--via", help=f"{VIA_KUBE}: create the Workflow through the Kubernetes API "
+                                      f"(default unless ${ENV_SERVER} is set); {VIA_ARGO}: through the Argo server"),
+    server: Optional[str] = typer.Option(None, "--server", help=f"Argo server URL (default ${ENV_SERVER}; implies --via {VIA_ARGO})"),
+    kubeconfig: Optional[Path] = typer.Option(None, "--kubeconfig", help="kubeconfig file (default $KUBECONFIG or ~/.kube/config; in a pod: its service account)"),
+    context: Optional[str] = typer.Option(None, "--context", help="kubeconfig context (default: the current one)"),
 ) -> None:
-    """Submit PLAN through the Argo server (the ``lever-pipeline`` template must be installed)."""
+    """Submit PLAN (the ``lever-pipeline`` template must be installed): as a Workflow object through
+    the Kubernetes API, or through the Argo server.  The plan and the overrides are validated
+    first; nothing is created when they are wrong."""
     from lever.config.loader import PlanError
     from lever.platform import render
 
     host = server or os.environ.get(ENV_SERVER)
+    via = via or (VIA_ARGO if host else VIA_KUBE)
+    if via not in (VIA_KUBE, VIA_ARGO):
+        raise _fail(f"--via must be {VIA_KUBE} or {VIA_ARGO}, got {via!r}")
+    if via == VIA_KUBE:
+        try:
+            wf = render.plan_workflow(plan, profile, set_)
+        except PlanError as exc:
+            raise _fail(_one_line(exc)) from None
+        _submit_kube(wf, namespace, kubeconfig, context)
+        return
     if not host:
         raise _fail(f"set {ENV_SERVER} (e.g. https://argo.example.com:2746) or pass --server")
     if not host.startswith(("http://", "https://")):
@@ -114,6 +135,28 @@ def submit_cmd(
     name = created.metadata.name
     typer.echo(name)
     typer.echo(wf.workflows_service.get_workflow_link(name))
+
+
+def _one_line(exc: Exception) -> str:
+    """A multi-line plan error ("invalid plan:" + one indented line per problem) as one line."""
+    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+
+
+def _submit_kube(wf: Any, namespace: Optional[str], kubeconfig: Optional[Path], context: Optional[str]) -> None:
+    """Create the rendered Workflow as a custom object; print its name and how to follow it."""
+    from lever.cli.runs import connect
+    from lever.platform import kube
+
+    k = connect(namespace, kubeconfig, context)
+    body = wf.to_dict()
+    body.setdefault("metadata", {})["namespace"] = k.namespace
+    try:
+        created = k.create_workflow(body)
+    except kube.KubeError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    name = created["metadata"]["name"]
+    typer.echo(name)
+    typer.echo(f"follow it: lever status {name} -n {k.namespace} --watch", err=True)
 
 
 def _load_report(report: Optional[Path], store: Optional[str], plan: str, baseline: str, profile: str,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -224,19 +225,32 @@ def _run(plan, profile, store, set_, jobs, run_id, force, fresh, no_baseline, dr
 
 @app.command("report")
 def report_cmd(
-    plan: str = typer.Argument(..., help=PLAN_HELP),
+    plan: str = typer.Argument(..., help=PLAN_HELP + "; with --fetch: a cluster run (workflow name or run id)"),
     profile: Optional[str] = typer.Option(None, "--profile", "-p"),
     store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
     set_: list[str] = typer.Option([], "--set"),
     run_id: Optional[str] = typer.Option(None, "--run-id"),
     partial: bool = typer.Option(True, "--partial/--strict", help="write a partial report (missing parts marked) when inputs are missing"),
     fail_on_regression: bool = typer.Option(False, "--fail-on-regression", help="exit 1 when the report flags a regression vs the baseline"),
+    fetch: Optional[Path] = typer.Option(None, "--fetch", help="download the report (report.md, report.json, plots/) "
+                                         "of the cluster run named by the argument into this directory"),
+    namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="with --fetch: the run's namespace"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Write (or find) the plan's report from what the store holds and print its path."""
+    """Write (or find) the plan's report from what the store holds and print its path; with
+    ``--fetch DIR``, download a cluster run's report (found through its Workflow) into DIR."""
     from lever.pipeline.store import StoreError
 
     _setup_logging(verbose)
+    if fetch is not None:
+        from lever.cli.runs import fetch_report
+        from lever.pipeline.context import StageError
+
+        if set_ or profile or run_id:
+            raise StageError("--fetch takes the run's own plan, profile and overrides; drop --set/--profile/--run-id")
+        out = fetch_report(plan, fetch, namespace=namespace, store=store)
+        typer.echo(out / "report.md")
+        return
     try:
         pipe = _pipeline(plan, profile, set_, store, run_id)
         r = pipe.run_partial("summarize") if partial else pipe.run_unit("summarize", pipe.select_units("summarize")[0])

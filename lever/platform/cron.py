@@ -24,6 +24,7 @@ from lever.platform.workflows import (
     ROLE,
     TEMPLATE_NAME,
     Defaults,
+    run_labels_from,
     workflow_spec_common,
 )
 
@@ -58,7 +59,8 @@ def _regress_template(platform: PlatformConfig) -> Container:
         pod_security_context=pods.pod_security_context(platform),
         service_account_name=platform.service_account,
         retry_strategy=pods.retry_strategy(platform, verdict_step=True),
-        labels={**PART_OF, pods.STAGE_LABEL: "regress", pods.ROLE_LABEL: "regress"},
+        labels={**PART_OF, pods.PLAN_LABEL: "{{inputs.parameters.plan}}", pods.RUN_ID_LABEL: "{{inputs.parameters.run-id}}",
+                pods.STAGE_LABEL: "regress", pods.ROLE_LABEL: "regress"},
     )
 
 
@@ -91,7 +93,8 @@ def build_nightly_cron(platform: PlatformConfig, plan: str, baseline: str, margi
         entrypoint="nightly",
         on_exit="nightly-exit",
         arguments=params,
-        workflow_metadata=WorkflowMetadata(labels={**PART_OF, "lever.dev/nightly": "true"}),
+        workflow_metadata=WorkflowMetadata(labels={**PART_OF, pods.NIGHTLY_LABEL: "true"},
+                                           labels_from=run_labels_from(run_id_expr="workflow.name")),
         **workflow_spec_common(platform),
     )
     regress = _regress_template(platform)

@@ -36,9 +36,14 @@ RETRY_EXPRESSION = (
 # only infrastructure errors are retried.
 ERROR_ONLY_EXPRESSION = 'lastRetry.status == "Error"'
 
+# The label contract (docs/kubernetes.md, "Labels"): `lever status/logs/runs/delete` select on
+# these.  Workflows carry PLAN_LABEL and RUN_ID_LABEL; every pod carries those two and STAGE_LABEL.
+PLAN_LABEL = "lever.dev/plan"
+RUN_ID_LABEL = "lever.dev/run-id"
 GPU_LABEL = "lever.dev/gpu"
 STAGE_LABEL = "lever.dev/stage"
 ROLE_LABEL = "lever.dev/role"
+NIGHTLY_LABEL = "lever.dev/nightly"
 
 # Keys of the S3 Secret and whether a pod may start without them (endpoint and region are
 # optional: plain AWS needs neither an endpoint nor, with a default region, the region).

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
 from hera.workflows import DAG, Container, Parameter, Task, Workflow, WorkflowTemplate
-from hera.workflows.models import PodGC, TTLStrategy, WorkflowTemplateRef
+from hera.workflows.models import LabelValueFrom, PodGC, TTLStrategy, WorkflowMetadata, WorkflowTemplateRef
 
 from lever.config.schema import PlanConfig, PlatformConfig
 from lever.pipeline.graph import STAGES, Stage
@@ -137,7 +137,8 @@ def _container(
 ) -> Container:
     """One self-contained ``Container`` template running the ``lever`` CLI."""
     gpu = kind == "gpu"
-    labels = {**PART_OF, pods.STAGE_LABEL: stage, pods.ROLE_LABEL: role}
+    labels = {**PART_OF, pods.PLAN_LABEL: _in("plan"), pods.RUN_ID_LABEL: _in("run-id"),
+              pods.STAGE_LABEL: stage, pods.ROLE_LABEL: role}
     if gpu:
         labels[pods.GPU_LABEL] = "true"
     return Container(
@@ -231,7 +232,8 @@ def _pipeline_dag() -> DAG:
     return dag
 
 
-RUN_ID_EXPR = "{{=workflow.parameters['run-id'] != '' ? workflow.parameters['run-id'] : workflow.name}}"
+RUN_ID_EXPR_BARE = "workflow.parameters['run-id'] != '' ? workflow.parameters['run-id'] : workflow.name"
+RUN_ID_EXPR = "{{=%s}}" % RUN_ID_EXPR_BARE
 
 
 BASELINE_WHEN = ("{{=workflow.parameters.baseline != '%s' && "
@@ -263,13 +265,28 @@ def _exit_dag() -> DAG:
     return dag
 
 
+# Finished pods do not pile up: a succeeded pod is deleted at once (its outputs are in the store,
+# its log in Argo's archive), a failed one stays for `lever logs` until the Workflow's TTL deletes
+# the Workflow and, through the owner reference, its pods.
+POD_GC_STRATEGY = "OnPodSuccess"
+TTL_AFTER_COMPLETION_S = 7 * 24 * 3600
+
+
 def workflow_spec_common(platform: PlatformConfig) -> dict[str, Any]:
     """Spec fields shared by the template and the nightly run."""
     return dict(
         service_account_name=platform.service_account,
-        pod_gc=PodGC(strategy="OnPodSuccess"),
-        ttl_strategy=TTLStrategy(seconds_after_completion=7 * 24 * 3600),
+        pod_gc=PodGC(strategy=POD_GC_STRATEGY),
+        ttl_strategy=TTLStrategy(seconds_after_completion=TTL_AFTER_COMPLETION_S),
     )
+
+
+def run_labels_from(plan_expr: str = "workflow.parameters.plan", run_id_expr: str = RUN_ID_EXPR_BARE) -> dict:
+    """Workflow labels Argo's controller sets from expressions once the run starts
+    (``workflowMetadata.labelsFrom``): the plan and the run id (the ``run-id`` parameter, else the
+    workflow's generated name), so ``lever runs/status`` can select runs by either."""
+    return {pods.PLAN_LABEL: LabelValueFrom(expression=plan_expr),
+            pods.RUN_ID_LABEL: LabelValueFrom(expression=run_id_expr)}
 
 
 def build_pipeline_template(platform: PlatformConfig, defaults: Optional[Defaults] = None) -> WorkflowTemplate:
@@ -281,6 +298,7 @@ def build_pipeline_template(platform: PlatformConfig, defaults: Optional[Default
         annotations={"workflows.argoproj.io/description": "Lever plan pipeline generated from lever.pipeline.graph.STAGES"},
         entrypoint=ENTRYPOINT,
         on_exit="exit-handler",
+        workflow_metadata=WorkflowMetadata(labels=dict(PART_OF), labels_from=run_labels_from()),
         arguments=[*(Parameter(name=n, value=defaults.value(n), description=d) for n, d in PARAMS),
                    Parameter(name=BASELINE_PARAM[0], value=DEFAULT_BASELINE, description=BASELINE_PARAM[1])],
         **workflow_spec_common(platform),
@@ -310,7 +328,7 @@ def build_plan_workflow(plan: PlanConfig, profile: str, base: PlatformConfig,
             args[n] = mine.value(n)
     return Workflow(
         generate_name=f"lever-{plan.name.replace('_', '-')}-",
-        labels={**PART_OF, "lever.dev/plan": plan.name},
+        labels={**PART_OF, pods.PLAN_LABEL: plan.name},
         workflow_template_ref=WorkflowTemplateRef(name=TEMPLATE_NAME),
         arguments=[Parameter(name=k, value=v) for k, v in args.items()],
     )
@@ -351,7 +369,8 @@ def build_models_pull_template(platform: PlatformConfig, defaults: Optional[Defa
         pod_security_context=pods.pod_security_context(platform),
         service_account_name=platform.service_account,
         retry_strategy=pods.retry_strategy(platform),
-        labels={**PART_OF, pods.STAGE_LABEL: "models-pull", pods.ROLE_LABEL: "models-pull"},
+        labels={**PART_OF, pods.PLAN_LABEL: _in("plan"), pods.RUN_ID_LABEL: "{{workflow.name}}",
+                pods.STAGE_LABEL: "models-pull", pods.ROLE_LABEL: "models-pull"},
     )
     entry = DAG(name="main")
     with entry:
@@ -362,6 +381,8 @@ def build_models_pull_template(platform: PlatformConfig, defaults: Optional[Defa
         annotations={"workflows.argoproj.io/description": "One-time: snapshot the plan's pretrained models "
                                                           "(pinned revisions) into the model volume"},
         entrypoint="main",
+        workflow_metadata=WorkflowMetadata(labels=dict(PART_OF),
+                                           labels_from=run_labels_from(run_id_expr="workflow.name")),
         arguments=[Parameter(name=n, value=values[n], description=d) for n, d in MODELS_PULL_PARAMS],
         **workflow_spec_common(platform),
     )
