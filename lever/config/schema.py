@@ -329,7 +329,12 @@ class ValidationConfig(Section):
 
 
 class CheckpointConfig(Section):
-    strategy: Literal["val_loss", "val_reward", "last", "epoch"] = "last"
+    strategy: Literal["val_loss", "val_reward", "heldout_reward", "last", "epoch"] = Field(
+        "last",
+        description="val_loss (lowest), val_reward (highest), heldout_reward (highest reward of the policy's own "
+        "judged samples on held-out queries: online GRPO only, RCE epochs fall back to the last), the last epoch, "
+        "or a fixed epoch",
+    )
     epoch: Optional[int] = Field(None, ge=1)
     # GRPO epochs evaluated beside the chosen checkpoint (inference variants ``epoch{N}``, report
     # rows ``epoch{N}``); epochs past the plan's GRPO epoch count are not evaluated (see
