@@ -9,6 +9,7 @@ of the trained one, or the oracle's shot order reversed.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -137,7 +138,9 @@ def _online_grpo(root: Path, *overrides: str) -> list[dict]:
     out = _lever("stage", "train-grpo", "--plan", "plan5_online", "--profile", "tiny", "--store",
                  str(root / "store"), *sets, cwd=root)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    d = Path(out.stdout.strip().splitlines()[-1].rsplit(" ", 1)[-1])
+    found = re.findall(r"train-grpo \S+: (?:built|cached) (\S+)", out.stdout + out.stderr)
+    assert found, out.stdout[-2000:] + out.stderr[-2000:]
+    d = Path(found[-1])
     info = json.loads((d / "grpo_info.json").read_text())
     rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     return [{"epoch": 0, "heldout_reward": info["heldout_reward_start"]}] + rows
