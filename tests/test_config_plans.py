@@ -11,11 +11,13 @@ from lever.config import PlanError, config_hash, list_plans, load_plan
 
 SPEC_PLANS = {"baseline", "v2", "plan1", "plan2", "plan3", "plan4", "plan5", "plan6", "plan7",
               "plan7_1", "plan7_2", "plan5_8", "plan9", "plan10"}
+#: plans shipped beyond SPEC's table (issue 17: plan5 with online rollouts)
+EXTRA_PLANS = {"plan5_online"}
 
 
 def test_all_fourteen_plans_ship_and_resolve_on_both_profiles():
-    assert set(list_plans()) == SPEC_PLANS
-    for name in SPEC_PLANS:
+    assert set(list_plans()) == SPEC_PLANS | EXTRA_PLANS
+    for name in SPEC_PLANS | EXTRA_PLANS:
         for profile in (None, "tiny", "cluster"):
             cfg = load_plan(name, profile)
             assert cfg.name == name
@@ -82,7 +84,7 @@ def test_cli_exit_codes(tmp_path):
     res = subprocess.run([sys.executable, "-m", "lever.cli", "plan", "show", str(bad)], capture_output=True, text=True)
     assert res.returncode == 2 and "kl_betta" in res.stderr
     res = subprocess.run([sys.executable, "-m", "lever.cli", "plans"], capture_output=True, text=True)
-    assert res.returncode == 0 and len(res.stdout.strip().splitlines()) == 14
+    assert res.returncode == 0 and len(res.stdout.strip().splitlines()) == len(SPEC_PLANS | EXTRA_PLANS)
     res = subprocess.run([sys.executable, "-m", "lever.cli", "plan", "show", "plan5", "--profile", "tiny"],
                          capture_output=True, text=True)
     assert res.returncode == 0 and "kl_beta: 0.1" in res.stdout

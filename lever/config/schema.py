@@ -249,8 +249,52 @@ class CurriculumConfig(Section):
     medium_min_each: int = 2
 
 
+class OnlineRolloutConfig(Section):
+    """On-policy rollouts (``grpo.rollout: online``): the selector samples its own groups and the
+    LVLM judges them during training (lever.rl.online)."""
+
+    group_size: int = Field(
+        8, ge=2,
+        description="G: sequences sampled from the current selector per training query and round; duplicates "
+        "are kept (they are draws of the policy; a repeated sequence is judged once, through the cache)",
+    )
+    temperature: float = Field(
+        1.0, gt=0,
+        description="sampling temperature of the rollouts (1.0: the policy itself, so the PPO old policy "
+        "is exactly the sampling distribution)",
+    )
+    queries_per_epoch: Optional[int] = Field(
+        None, ge=1,
+        description="training queries sampled (without replacement, seeded) per epoch; None: every train "
+        "query once per epoch",
+    )
+    offline_fraction: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="share of each query's offline RL-data candidates (judged by generate-rl-data) mixed into "
+        "its sampled group every round; 0: purely on-policy",
+    )
+    eval_queries: Optional[int] = Field(
+        None, ge=1,
+        description="held-out (validation) queries whose own samples are judged after every epoch for "
+        "heldout_reward; None: every validation query",
+    )
+    eval_samples: int = Field(
+        4, ge=1,
+        description="samples per held-out query for heldout_reward (drawn with a generator seeded by "
+        "(seed, epoch), so every epoch and a resumed run draw the same way)",
+    )
+
+
 class GRPOConfig(Section):
     epochs: int = Field(0, ge=0)
+    rollout: Literal["offline", "online"] = Field(
+        "offline",
+        description="offline: GRPO over the fixed, pre-judged RL-data groups; online: each round the selector "
+        "samples its own groups and the LVLM judges them (a GPU stage that loads the LVLM)",
+    )
+    online: OnlineRolloutConfig = Field(
+        OnlineRolloutConfig(), description="settings of online rollouts (used only with rollout: online)"
+    )
     lr: float = Field(5e-6, gt=0)
     batch_size: int = Field(8, ge=1)
     updates_per_round: int = Field(1, ge=1, description="policy updates per old-policy refresh")
@@ -272,13 +316,25 @@ class GRPOConfig(Section):
     curriculum: CurriculumConfig = CurriculumConfig()
     grad_clip: float = 1.0
 
+    @model_validator(mode="after")
+    def _online_supported(self) -> "GRPOConfig":
+        if self.rollout == "online" and self.curriculum.enabled:
+            raise ValueError("grpo.rollout 'online' does not combine with grpo.curriculum (its buckets are "
+                             "built from the offline groups); turn one off")
+        return self
+
 
 class ValidationConfig(Section):
     val_fraction: float = Field(0.2, gt=0, lt=1)
 
 
 class CheckpointConfig(Section):
-    strategy: Literal["val_loss", "val_reward", "last", "epoch"] = "last"
+    strategy: Literal["val_loss", "val_reward", "heldout_reward", "last", "epoch"] = Field(
+        "last",
+        description="val_loss (lowest), val_reward (highest), heldout_reward (highest reward of the policy's own "
+        "judged samples on held-out queries: online GRPO only, RCE epochs fall back to the last), the last epoch, "
+        "or a fixed epoch",
+    )
     epoch: Optional[int] = Field(None, ge=1)
     # GRPO epochs evaluated beside the chosen checkpoint (inference variants ``epoch{N}``, report
     # rows ``epoch{N}``); epochs past the plan's GRPO epoch count are not evaluated (see

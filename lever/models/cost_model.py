@@ -280,6 +280,25 @@ def pod_markdown(rows: list[PodRow], A: PodAssumptions = PodAssumptions()) -> st
     return "\n".join(out)
 
 
+def online_epoch_cost(plan: Any, L: Lengths = REFERENCE_LENGTHS, A: PodAssumptions = PodAssumptions(),
+                      img: int = 256, patches: int = 1024, n_val: Optional[int] = None) -> dict[str, float]:
+    """One epoch of online GRPO (``grpo.rollout: online``) without cache hits, the upper bound:
+    ``queries_per_epoch x group_size`` rollout verdicts and ``eval_queries x (eval_samples + 1)``
+    held-out verdicts, each a generate-rl-data candidate on the fast path (one zero-shot scoring
+    per query included).  Seconds at ``A.tflops`` on one GPU; selector updates are negligible."""
+    g, o = plan.grpo, plan.grpo.online
+    n_rl = plan.rl_data.num_queries or OKVQA_TRAIN
+    n_val = n_val if n_val is not None else max(1, round(n_rl * plan.validation.val_fraction))
+    train_q = min(o.queries_per_epoch or n_rl - n_val, n_rl - n_val)
+    eval_q = min(o.eval_queries or n_val, n_val)
+    rollout = rl_costs(L, img, plan.sampler.pool_size, o.group_size, plan.rl_data.shots, plan.lvlm.max_new_tokens)
+    held = rl_costs(L, img, plan.sampler.pool_size, o.eval_samples + 1, plan.rl_data.shots, plan.lvlm.max_new_tokens)
+    tflop = train_q * flops(rollout.fast_tokens, rollout.fast_images, patches) + eval_q * flops(
+        held.fast_tokens, held.fast_images, patches)
+    return {"rollout_verdicts": train_q * o.group_size, "heldout_verdicts": eval_q * (o.eval_samples + 1),
+            "tflop": tflop, "seconds": tflop / A.tflops, "train_queries": train_q, "eval_queries": eval_q}
+
+
 def main(n_records: int = 96, seed: int = 0, lvlm_cfg: Optional[Any] = None) -> str:
     from lever.config import load_plan
     from lever.models.lvlm import build_lvlm
@@ -301,6 +320,10 @@ def main(n_records: int = 96, seed: int = 0, lvlm_cfg: Optional[Any] = None) -> 
              "before (8 / 8 / 4 shards, one inference unit per pod):\n\n" + pod_markdown(pod_table(before))
              + "\n\nthe cluster profile's fan-out:\n\n" + pod_markdown(pod_table(cluster))
              + f"\n\nsuggested: {suggest_fanout(cluster)}")
+    on = online_epoch_cost(load_plan("plan5_online", profile="cluster"))
+    text += (f"\n\nonline GRPO (plan5_online, cluster profile), one epoch without cache hits: "
+             f"{on['rollout_verdicts']:,} rollout + {on['heldout_verdicts']:,} held-out verdicts, "
+             f"{on['tflop']:,.0f} TFLOP, {on['seconds']:,.0f} s of LVLM at {H100_TFLOPS:.0f} TFLOP/s")
     print(text)
     return text
 

@@ -95,6 +95,17 @@ def _panels(a: AlertConfig) -> list[dict[str, Any]]:
                           (f"lever_train_val_reward{SEL}", f"val greedy {lp} {{{{run_id}}}}")]),
         _panel("Zero-std group share", [(f"lever_train_zero_std_group_ratio{SEL}", f"{lp} {{{{run_id}}}}")],
                unit="percentunit", minmax=(0, 1)),
+        _panel("Online rollouts: reward of own samples",
+               [(f"lever_train_heldout_reward{SEL}", f"held-out {lp} {{{{run_id}}}}"),
+                (f"lever_train_rollout_reward{SEL}", f"rollouts {lp} {{{{run_id}}}}")],
+               description="grpo.rollout online: mean reward of the policy's own samples, judged by the LVLM "
+                           "(held-out queries: the same draws every epoch)."),
+        _panel("Online rollouts: judging cost",
+               [(f"lever_train_judgements{SEL}", f"judged {{{{source}}}} {{{{run_id}}}}"),
+                (f"lever_train_lvlm_calls{SEL}", f"LVLM calls {{{{run_id}}}}"),
+                (f"lever_train_seconds{SEL}", f"seconds {{{{part}}}} {{{{run_id}}}}")],
+               unit="short", description="Per epoch: verdicts from the LVLM vs the judged-sequence cache, LVLM "
+                                         "calls, seconds judging vs optimising."),
         _panel("KL beta", [(f"lever_train_kl_beta{SEL}", f"{lp} {{{{run_id}}}}")], unit="none"),
         _panel("Clip fraction / entropy", [(f"lever_train_clip_ratio{SEL}", f"clip {lp} {{{{run_id}}}}"),
                                            (f"lever_train_entropy_nats{SEL}", f"entropy {lp} {{{{run_id}}}}")]),

@@ -66,6 +66,14 @@ EPOCH_GAUGES: dict[str, tuple[str, dict[str, str], str]] = {
     "clip_frac": ("lever_train_clip_ratio", {}, "Share of PPO ratios that were clipped."),
     "entropy": ("lever_train_entropy_nats", {}, "Mean policy entropy over the candidate distribution."),
     "grad_norm": ("lever_train_grad_norm", {}, "Gradient norm before clipping."),
+    # online rollouts (grpo.rollout: online; lever.rl.online)
+    "rollout_reward": ("lever_train_rollout_reward", {}, "Mean reward of the groups the selector sampled this epoch."),
+    "heldout_reward": ("lever_train_heldout_reward", {}, "Mean reward of the policy's own samples on held-out queries."),
+    "judged_new": ("lever_train_judgements", {"source": "new"}, "Sequences judged this epoch, by LVLM vs cache."),
+    "judged_cached": ("lever_train_judgements", {"source": "cache"}, "Sequences judged this epoch, by LVLM vs cache."),
+    "lvlm_calls": ("lever_train_lvlm_calls", {}, "LVLM forward passes of this epoch's rollouts."),
+    "judge_seconds": ("lever_train_seconds", {"part": "judge"}, "Seconds of this epoch, by part."),
+    "optimize_seconds": ("lever_train_seconds", {"part": "optimize"}, "Seconds of this epoch, by part."),
 }
 # per-step metric key -> (metric name, extra constant labels, help)
 STEP_GAUGES: dict[str, tuple[str, dict[str, str], str]] = {

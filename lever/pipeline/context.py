@@ -71,6 +71,9 @@ class StageContext:
     # names them ("stage/unit-id", "baseline:stage/unit-id"); the stage writes what it can
     partial: bool = False
     missing: list[str] = field(default_factory=list)
+    # the artifact store the unit is built in (None when a stage function is called directly):
+    # stages that keep shared caches beside their artifacts (online GRPO's judged sequences) use it
+    store: Any = None
 
     def input(self, name: str) -> UpstreamOutput:
         try:

@@ -59,6 +59,17 @@ class Stage:
     # this stage's hash -- instead of being reused.  Edits that keep the output (speed,
     # refactoring, messages) keep the version and the cache.
     version: int = 1
+    # upstream stages only some plans read (named in plan_extra); listed here so that the Argo DAG
+    # and ``--only`` closures wait for them
+    optional_inputs: tuple[str, ...] = ()
+    # its pods mount the provisioned datasets and models volumes even though its config fields do
+    # not name data/encoder/lvlm (a plan may make it load the LVLM: online GRPO)
+    provisioned: bool = False
+    # what a plan's settings add to the stage's inputs and key: ``plan -> (inputs, config fields)``.
+    # train-grpo reads the dataset and the LVLM only with online rollouts; offline plans do not
+    # depend on them (an LVLM change must not retrain their GRPO)
+    plan_extra: Optional[Callable[[PlanConfig], tuple[tuple[str, ...], tuple[str, ...]]]] = field(
+        default=None, compare=False)
 
     def load(self) -> Callable[..., None]:
         module, _, attr = self.func.partition(":")
@@ -77,8 +88,22 @@ class Stage:
                     out.append(Unit(self.name, (("variant", variant), ("shot", shot), ("shard", i), ("of", plan.infer.shards))))
         return out
 
-    def inputs_for(self, unit: Unit) -> tuple[str, ...]:
-        return self.unit_inputs(unit) if self.unit_inputs else self.inputs
+    def inputs_for(self, unit: Unit, plan: Optional[PlanConfig] = None) -> tuple[str, ...]:
+        """The upstream stages ``unit`` reads (with ``plan``: including what its settings add)."""
+        base = self.unit_inputs(unit) if self.unit_inputs else self.inputs
+        if plan is None or self.plan_extra is None:
+            return base
+        return base + tuple(n for n in self.plan_extra(plan)[0] if n not in base)
+
+    def fields_for(self, plan: PlanConfig) -> tuple[str, ...]:
+        """The config fields in the key of this stage's units for ``plan``."""
+        if self.plan_extra is None:
+            return self.config_fields
+        return self.config_fields + tuple(f for f in self.plan_extra(plan)[1] if f not in self.config_fields)
+
+    def may_read(self) -> tuple[str, ...]:
+        """Every upstream stage some plan makes this stage read (Argo dependencies, closures)."""
+        return self.inputs + tuple(n for n in self.optional_inputs if n not in self.inputs)
 
 
 def pod_groups(stage: Stage, plan: PlanConfig) -> list[list[Unit]]:
@@ -152,6 +177,14 @@ def _infer_inputs(unit: Unit) -> tuple[str, ...]:
     return base
 
 
+def _grpo_extra(plan: PlanConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Online rollouts judge sequences with the LVLM on the dataset's images: the dataset artifact
+    and the ``lvlm`` section join train-grpo's inputs and key (offline GRPO reads neither)."""
+    if plan.grpo.rollout == "online" and plan.grpo.epochs > 0:
+        return ("prepare-data",), ("lvlm",)
+    return (), ()
+
+
 # the alert thresholds the divergence guard applies inside training (lever.obs.guard); the rest
 # of ``alerts`` (regression margin, stall time, ...) must not invalidate trained checkpoints
 GUARD_FIELDS: tuple[str, ...] = ("alerts.guard", "alerts.kl_max", "alerts.kl_growth_per_epoch",
@@ -180,7 +213,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("train-grpo", "lever.training.stages:train_grpo",
           ("export-embeddings", "generate-rl-data", "train-rce", "train-v2"),
           ("selector", "reward", "grpo", "validation", "seed") + GUARD_FIELDS, gpu=True,
-          description="GRPO from the RCE result"),
+          description="GRPO from the RCE result (online rollouts: judged by the LVLM during training)",
+          optional_inputs=("prepare-data",), plan_extra=_grpo_extra, provisioned=True),
     Stage("select-checkpoint", "lever.training.stages:select_checkpoint", ("train-v2", "train-rce", "train-grpo"),
           ("checkpoint", "selector_source"), description="pick the checkpoint (val_loss | val_reward | last | epoch)"),
     Stage("convert", "lever.training.stages:convert", ("select-checkpoint",), (),

@@ -75,7 +75,7 @@ def plan_keys(
         unit_list: list[tuple[Unit, str]] = []
         for unit in st.units(plan):
             inputs = {}
-            for name in st.inputs_for(unit):
+            for name in st.inputs_for(unit, plan):
                 if name not in keys.stage_hash:
                     raise ValueError(f"stage {st.name!r} reads {name!r}, which is not defined before it in the graph")
                 inputs[name] = keys.stage_hash[name]
@@ -91,7 +91,7 @@ def plan_keys(
                 extra["baseline"] = (
                     {n: baseline_keys.stage_hash.get(n) for n in st.inputs} if baseline_keys is not None else None
                 )
-            unit_list.append((unit, config_hash(plan, st.config_fields, extra)))
+            unit_list.append((unit, config_hash(plan, st.fields_for(plan), extra)))
         keys.units[st.name] = unit_list
         keys.stage_hash[st.name] = _digest([h for _, h in unit_list])
     return keys

@@ -248,7 +248,7 @@ class Pipeline:
             self.store.quarantine(key, "forced rebuild")
             status = "rebuilt"
         missing: list[str] = []
-        inputs = self._materialize(self.keys, st.inputs_for(unit), False, "", missing)
+        inputs = self._materialize(self.keys, st.inputs_for(unit, self.plan), False, "", missing)
         baseline_inputs: dict[str, UpstreamOutput] = {}
         if st.with_baseline and self.baseline_keys is not None:
             baseline_inputs = self._materialize(self.baseline_keys, st.inputs, False, "baseline ", missing)
@@ -263,7 +263,7 @@ class Pipeline:
         st = self.stage(stage_name)
         unit = unit or self.select_units(stage_name)[0]
         missing: list[str] = []
-        inputs = self._materialize(self.keys, st.inputs_for(unit), True, "", missing)
+        inputs = self._materialize(self.keys, st.inputs_for(unit, self.plan), True, "", missing)
         baseline_inputs: dict[str, UpstreamOutput] = {}
         if st.with_baseline and self.baseline_keys is not None:
             baseline_inputs = self._materialize(self.baseline_keys, st.inputs, True, "baseline:", missing)
@@ -313,7 +313,7 @@ class Pipeline:
                     baseline_inputs=baseline_inputs, telemetry=telemetry,
                     log=logging.getLogger(f"lever.stage.{st.name}"),
                     config_hash=key.rsplit("/", 1)[-1], baseline_plan=self.baseline, partial=partial,
-                    missing=list(missing),
+                    missing=list(missing), store=self.store,
                 )
                 with _StagingSync(self.store, key, lease):
                     fn(ctx)
@@ -600,7 +600,7 @@ def stage_closure(names: Iterable[str], stages: Sequence[Stage] = STAGES) -> lis
         if n in need:
             continue
         need.add(n)
-        todo.extend(by_name[n].inputs)
+        todo.extend(by_name[n].may_read())
     return [s.name for s in stages if s.name in need]
 
 

@@ -119,7 +119,7 @@ def reads_provisioned_inputs(stage: Stage) -> bool:
     """Stages that read the dataset files or load a pretrained model (their output depends on
     ``data``, ``encoder`` or ``lvlm``) mount the data and model volumes; the others do not, so
     training and bookkeeping pods schedule without them."""
-    return any(f.split(".")[0] in ("data", "encoder", "lvlm") for f in stage.config_fields)
+    return stage.provisioned or any(f.split(".")[0] in ("data", "encoder", "lvlm") for f in stage.config_fields)
 
 
 def _container(
@@ -218,7 +218,7 @@ def _pipeline_dag() -> DAG:
     dag = DAG(name=PIPELINE, inputs=[Parameter(name=n) for n in PARAM_NAMES] + [Parameter(name=ROLE, default="plan")])
     with dag:
         for st in STAGES:
-            deps = list(st.inputs)
+            deps = list(st.may_read())
             if st.fanout != "none":
                 Task(name=list_task_name(st), template=list_template_name(st),
                      arguments=_pass_through(names), dependencies=deps or None)

@@ -77,6 +77,33 @@ def training_curves(inputs: dict[str, UpstreamOutput]) -> dict[str, list[dict]]:
     return out
 
 
+#: per-epoch metrics of online rollouts (lever.rl.online) shown in the report
+ONLINE_KEYS: tuple[str, ...] = (
+    "heldout_reward", "heldout_correct", "heldout_greedy_reward", "rollout_reward", "zero_std_frac",
+    "rollout_unique_frac", "judged_new", "judged_cached", "lvlm_calls", "judge_seconds", "optimize_seconds",
+    "heldout_lvlm_calls", "heldout_seconds",
+)
+
+
+def online_rollouts(inputs: dict[str, UpstreamOutput]) -> Optional[dict]:
+    """Online GRPO's per-epoch rollout record (None for offline GRPO): the held-out reward of the
+    policy's own samples (with the starting policy's as epoch 0), the sampled groups' reward and
+    zero-variance share, judgements new vs cached, LVLM calls and seconds judging vs optimising."""
+    up = inputs.get("train-grpo")
+    if up is None or not up.units:
+        return None
+    d = up.paths()[0]
+    info_path = d / "grpo_info.json"
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.exists() else {}
+    if info.get("rollout") != "online":
+        return None
+    rows = read_jsonl(d / "metrics.jsonl") if (d / "metrics.jsonl").exists() else []
+    epochs = [{"epoch": int(r.get("epoch", i)), **{k: _num(r.get(k)) for k in ONLINE_KEYS}}
+              for i, r in enumerate(rows, 1)]
+    start = {k: _num(info.get(f"{k}_start")) for k in ("heldout_reward", "heldout_correct", "heldout_greedy_reward")}
+    return {"start": start, "epochs": epochs, "judge_cache": info.get("judge_cache")}
+
+
 def reward_diagnostics(plan: PlanConfig, inputs: dict[str, UpstreamOutput]) -> Optional[dict]:
     """Share of correct candidates, reward distribution, zero-variance groups, quality buckets
     (plan9's thresholds: gap = max - min reward in the group, positives = ``correct``)."""
@@ -354,6 +381,7 @@ def build_report(plan: PlanConfig, baseline: Optional[PlanConfig], inputs: dict[
             "rows": [f"epoch{e}" for e in epochs],
         },
         "training": training_curves(inputs),
+        "online_rollouts": online_rollouts(inputs),
         "icd_overlap": overlap,
         "reference_comparison": reference_comparison(rows, refs, shots, samples, conf, plan.infer.seed),
         "conclusions": conclusions(comparison, overlap, rows, shots, conf),

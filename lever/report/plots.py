@@ -74,6 +74,24 @@ def write_plots(rep: dict[str, Any], rewards: list[float], out: Path) -> list[st
         plt.close(fig)
         made.append("plots/training.png")
 
+    on = rep.get("online_rollouts")
+    if on and on.get("epochs"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        start = (on.get("start") or {}).get("heldout_reward")
+        pts = ([(0, start)] if start is not None else []) + [
+            (e["epoch"], e["heldout_reward"]) for e in on["epochs"] if e.get("heldout_reward") is not None]
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker=".", label="held-out (own samples)")
+        roll = [(e["epoch"], e["rollout_reward"]) for e in on["epochs"] if e.get("rollout_reward") is not None]
+        ax.plot([x for x, _ in roll], [y for _, y in roll], marker=".", alpha=0.6, label="rollouts (train groups)")
+        ax.set_xlabel("GRPO epoch (0 = start)")
+        ax.set_ylabel("mean reward")
+        ax.set_title("online GRPO: reward of the policy's own samples")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "online.png", dpi=100)
+        plt.close(fig)
+        made.append("plots/online.png")
+
     if rewards:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.hist(rewards, bins=20, color="tab:blue")

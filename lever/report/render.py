@@ -81,6 +81,29 @@ def _conclusions(rep: dict[str, Any]) -> list[str]:
     return L
 
 
+def _online(on: Optional[dict[str, Any]]) -> list[str]:
+    """Online GRPO: the held-out reward of the policy's own samples per epoch (epoch 0 = the
+    starting policy) and what each epoch's rollouts cost."""
+    if not on:
+        return []
+    L = ["## Online rollouts", "",
+         "Held-out reward = mean reward of the policy's own samples on held-out queries, judged by the LVLM "
+         "(same draws every epoch); rollout reward = the sampled training groups; judgements new = LVLM, "
+         "cached = judged-sequence cache.", ""]
+    st = on.get("start") or {}
+    rows = [["0", _f(st.get("heldout_reward"), 4), _f(st.get("heldout_correct"), 3), _f(st.get("heldout_greedy_reward"), 4)]
+            + [""] * 7]
+    for e in on.get("epochs", []):
+        rows.append([str(e["epoch"]), _f(e.get("heldout_reward"), 4), _f(e.get("heldout_correct"), 3),
+                     _f(e.get("heldout_greedy_reward"), 4), _f(e.get("rollout_reward"), 4),
+                     _f(e.get("zero_std_frac"), 3), _f(e.get("judged_new"), 0), _f(e.get("judged_cached"), 0),
+                     _f(e.get("lvlm_calls"), 0), _f(e.get("judge_seconds"), 1), _f(e.get("optimize_seconds"), 1)])
+    L += _table(["epoch", "held-out reward", "held-out correct", "held-out greedy", "rollout reward",
+                 "zero-var groups", "judged new", "judged cached", "LVLM calls", "judge s", "optimize s"], rows)
+    L.append("")
+    return L
+
+
 def render_markdown(rep: dict[str, Any], plots: list[str]) -> str:
     L: list[str] = []
     L.append(f"# Lever report: {rep['plan']}" + (f" vs {rep['baseline_plan']}" if rep["baseline_plan"] else ""))
@@ -167,6 +190,7 @@ def render_markdown(rep: dict[str, Any], plots: list[str]) -> str:
     else:
         L.append(MISSING + " (no training metrics)")
     L.append("")
+    L += _online(rep.get("online_rollouts"))
     L.append("## ICD overlap with the baseline")
     L.append("")
     ov = rep.get("icd_overlap") or {}

@@ -318,6 +318,45 @@ def sample(
     return [(seq, float(lp)) for seq, lp in zip(seqs, total.tolist())]
 
 
+@torch.no_grad()
+def sample_batch(
+    model: PointerSelector,
+    query_emb: torch.Tensor,
+    cand_emb: torch.Tensor,
+    shots: int,
+    n: int,
+    temperature: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    cand_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``n`` sequences per query for a batch of B queries (``query_emb [B,d]``, ``cand_emb [B,K,d]``):
+    positions [B, n, shots] from softmax(logits / temperature), dropout off.
+
+    Online GRPO samples whole rounds of groups at once; the draws come from ``generator`` on the
+    CPU in one fixed order (query-major), so a seeded run and its resumed copy draw identically.
+    """
+    if temperature <= 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    B, K = cand_emb.shape[:2]
+    mask = _full_mask(cand_emb, cand_mask)
+    _check_shots(mask, shots)
+    if n <= 0 or B == 0:
+        return torch.zeros(B, max(n, 0), shots, dtype=torch.long, device=cand_emb.device)
+    q = query_emb.repeat_interleave(n, 0)
+    c_in = cand_emb.repeat_interleave(n, 0)
+    allowed = mask.repeat_interleave(n, 0).clone()
+    with eval_mode(model):
+        s, c, keys = model.encode(q, c_in)
+        picks = []
+        for _ in range(shots):
+            probs = torch.softmax(model.step_logits(s, c, keys, allowed) / temperature, -1)
+            pos = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(probs.device)
+            picks.append(pos)
+            allowed = allowed.scatter(1, pos.view(-1, 1), False)
+            s = model.advance(s, c, pos)
+    return torch.stack(picks, 1).view(B, n, shots)
+
+
 def build_selector(embed_dim: int, cfg: SelectorConfig, seed: Optional[int] = None) -> PointerSelector:
     """A freshly initialised selector; ``seed`` makes the initialisation reproducible."""
     if seed is None:

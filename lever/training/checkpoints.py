@@ -65,7 +65,8 @@ def choose_epoch(rows_by_epoch: dict[int, dict], epochs: list[int], strategy: st
         if fixed not in epochs:
             raise StageError(f"checkpoint.epoch={fixed} has no checkpoint; available epochs: {epochs}")
         return int(fixed), f"fixed epoch {fixed}"
-    key, better = ("val_loss", min) if strategy == "val_loss" else ("val_reward", max)
+    key, better = ("val_loss", min) if strategy == "val_loss" else (
+        ("heldout_reward", max) if strategy == "heldout_reward" else ("val_reward", max))
     scored = [(rows_by_epoch.get(e, {}).get(key), e) for e in epochs]
     scored = [(v, e) for v, e in scored if isinstance(v, (int, float))]
     if not scored:

@@ -242,6 +242,9 @@ def _train_grpo(ctx: StageContext) -> None:
         raise StageError("no GRPO training groups left (empty RL data or require_positive removed all)")
     info = {"start": start, "reference": g.reference, "train_groups": len(train), "val_groups": len(val)}
     save = _saver(ctx, "grpo", "grpo")
+    if g.rollout == "online":
+        _online_grpo(ctx, model, emb, train, val, reference, rec, info)
+        return
     if not cur.enabled:
         run_grpo(model, emb, train, val, g, epochs=g.epochs, reference=reference, recorder=rec, save=save,
                  seed=plan.seed, state_path=ctx.out / "grpo_state.safetensors", fingerprint=_fingerprint(ctx))
@@ -279,6 +282,44 @@ def _train_grpo(ctx: StageContext) -> None:
     run_grpo(model, emb, train, val, g, epochs=cur.phase2_epochs, reference=reference, recorder=rec, save=save,
              seed=plan.seed + 1, start_epoch=done + 1, beta=beta, extra={"curriculum_phase": 2},
              state_path=ctx.out / "grpo_p2_state.safetensors", fingerprint=_fingerprint(ctx, "p2"))
+    atomic_write_json(ctx.out / "grpo_info.json", info)
+
+
+def online_judge(ctx: StageContext) -> Any:
+    """The LVLM judge of online rollouts: the plan's LVLM and scoring path (as generate-rl-data
+    uses them) behind the judged-sequence cache, which lives in the artifact store (a directory in
+    the staging dir when the stage runs without one)."""
+    import hashlib
+
+    from lever.config.loader import config_hash
+    from lever.data.dataset import load_stage_index
+    from lever.models.lvlm import plan_lvlm
+    from lever.rl.judge_cache import DirBackend, JudgeCache, namespace
+    from lever.rl.online import OnlineJudge
+    from lever.sampling.stages import make_scorer
+
+    data_dir = ctx.input("prepare-data").path
+    index = load_stage_index(ctx)
+    digest = hashlib.sha256((data_dir / "dataset.json").read_bytes()).hexdigest()[:16]
+    ns = namespace(config_hash(ctx.plan, ("lvlm",)), digest)
+    store = getattr(ctx, "store", None)
+    backend = store if store is not None else DirBackend(ctx.out / "judge_cache")
+    lvlm = plan_lvlm(ctx.plan)
+    ctx.log.info("online rollouts: judged-sequence cache namespace %s (%s)", ns,
+                 "artifact store" if store is not None else "staging dir")
+    return OnlineJudge(lvlm, list(index.train), JudgeCache(backend, ns), make_scorer(lvlm, ctx.plan.lvlm.fast))
+
+
+def _online_grpo(ctx: StageContext, model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData,
+                 reference: Optional[PointerSelector], rec: EpochRecorder, info: dict) -> None:
+    from lever.rl.online import run_online_grpo
+
+    plan, g = ctx.plan, ctx.plan.grpo
+    judge = online_judge(ctx)
+    _, extra = run_online_grpo(model, emb, train, val, g, judge=judge, reward_cfg=plan.reward, epochs=g.epochs,
+                               reference=reference, recorder=rec, save=_saver(ctx, "grpo", "grpo"), seed=plan.seed,
+                               state_path=ctx.out / "grpo_state.safetensors", fingerprint=_fingerprint(ctx))
+    info.update({"rollout": "online", **extra, "judge_cache": judge.cache.ns})
     atomic_write_json(ctx.out / "grpo_info.json", info)
 
 
