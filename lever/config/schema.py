@@ -185,7 +185,7 @@ class RLSources(Section):
     v2_beam: SourceCount = Field(SourceCount(enabled=True, count=5), description="beam-search decodes of the v2 selector")
     v2_sample: SampleSource = Field(SampleSource(), description="temperature samples of the v2 selector")
     retrieval: SourceCount = Field(
-        SourceCount(enabled=True, count=2), description="sequences of the most similar pool items by CLIP image similarity"
+        SourceCount(enabled=True, count=2), description="sequences of the pool items closest to the query's CLIP embedding"
     )
     random: SourceCount = Field(SourceCount(enabled=True, count=2), description="seeded random sequences from the pool")
 
