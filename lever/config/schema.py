@@ -20,10 +20,21 @@ class Section(BaseModel):
 class SyntheticSpec(Section):
     """Size of the generated OKVQA-format dataset used by the tiny profile and the tests."""
 
-    n_train: int = Field(160, ge=4, description="questions generated for the train split (the pool ICDs are picked from); raise it for a harder, larger tiny run")
+    n_train: int = Field(
+        160, ge=4,
+        description="questions generated for the train split (the pool ICDs are picked from); raise it for a "
+        "harder, larger tiny run",
+    )
     n_val: int = Field(48, ge=1, description="questions generated for the validation split (the evaluation queries)")
-    image_size: int = Field(64, ge=16, description="side of the generated square images in pixels; small keeps the tiny LVLM fast on CPU")
-    seed: int = Field(0, description="seed of the generated questions, images and answers; another seed gives another dataset (and new keys downstream)")
+    image_size: int = Field(
+        64, ge=16,
+        description="side of the generated square images in pixels; small keeps the tiny LVLM fast on CPU",
+    )
+    seed: int = Field(
+        0,
+        description="seed of the generated questions, images and answers; another seed gives another dataset (and"
+        " new keys downstream)",
+    )
     planted_fraction: float = Field(
         0.0, ge=0.0, le=0.9,
         description="share of questions that are the planted 'code word' task, answerable only by copying "
@@ -47,17 +58,39 @@ class DataConfig(Section):
         description="folder with the official question/annotation files and COCO image folders, as this "
         "process mounts it (cluster: the read-only data volume, /data/okvqa); images are recorded relative to it",
     )
-    train_questions: str = Field("OpenEnded_mscoco_train2014_questions.json", description="train questions JSON, relative to root")
-    train_annotations: str = Field("mscoco_train2014_annotations.json", description="train answer annotations JSON, relative to root")
-    train_images: str = Field("train2014", description="folder of the train images (COCO_train2014_*.jpg), relative to root")
-    val_questions: str = Field("OpenEnded_mscoco_val2014_questions.json", description="validation questions JSON, relative to root")
-    val_annotations: str = Field("mscoco_val2014_annotations.json", description="validation answer annotations JSON, relative to root")
+    train_questions: str = Field(
+        "OpenEnded_mscoco_train2014_questions.json",
+        description="train questions JSON, relative to root",
+    )
+    train_annotations: str = Field(
+        "mscoco_train2014_annotations.json",
+        description="train answer annotations JSON, relative to root",
+    )
+    train_images: str = Field(
+        "train2014",
+        description="folder of the train images (COCO_train2014_*.jpg), relative to root",
+    )
+    val_questions: str = Field(
+        "OpenEnded_mscoco_val2014_questions.json",
+        description="validation questions JSON, relative to root",
+    )
+    val_annotations: str = Field(
+        "mscoco_val2014_annotations.json",
+        description="validation answer annotations JSON, relative to root",
+    )
     val_images: str = Field("val2014", description="folder of the validation images, relative to root")
     max_train: Optional[int] = Field(
-        None, ge=1, description="cap on the train split (first N in recorded order); None: all. Lower it for a quick run"
+        None, ge=1,
+        description="cap on the train split (first N in recorded order); None: all. Lower it for a quick run",
     )
-    max_val: Optional[int] = Field(None, ge=1, description="cap on the validation split (first N in recorded order); None: all")
-    synthetic: SyntheticSpec = Field(SyntheticSpec(), description="the generated dataset (used only with dataset: synthetic)")
+    max_val: Optional[int] = Field(
+        None, ge=1,
+        description="cap on the validation split (first N in recorded order); None: all",
+    )
+    synthetic: SyntheticSpec = Field(
+        SyntheticSpec(),
+        description="the generated dataset (used only with dataset: synthetic)",
+    )
 
     @field_validator("root")
     @classmethod
@@ -86,7 +119,10 @@ class EncoderConfig(Section):
     )
     hidden_size: int = Field(32, ge=4, description="tiny_clip only: width of its vision and text towers")
     projection_dim: int = Field(32, ge=4, description="tiny_clip only: size of the joint embedding the selector reads")
-    batch_size: int = Field(64, ge=1, description="items embedded per forward pass in export-embeddings; lower it on a small GPU")
+    batch_size: int = Field(
+        64, ge=1,
+        description="items embedded per forward pass in export-embeddings; lower it on a small GPU",
+    )
     seed: int = Field(0, description="tiny_clip only: seed of its random weights")
 
 
@@ -128,10 +164,22 @@ class LVLMConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and activations dtype; auto: bfloat16 on a GPU that supports it, float32 on CPU"
     )
-    device: str = Field("auto", description="torch device (cpu, cuda, cuda:1); auto: the first GPU if there is one, else CPU")
-    batch_size: int = Field(8, ge=1, description="prompts per LVLM forward pass when scoring and answering; raise it on a large GPU")
-    max_new_tokens: int = Field(5, ge=1, description="answer tokens generated at inference (OKVQA answers are one to three words)")
-    min_pixels: int = Field(56 * 56, description="lower bound on an image's area after the processor resizes it (pixels)")
+    device: str = Field(
+        "auto",
+        description="torch device (cpu, cuda, cuda:1); auto: the first GPU if there is one, else CPU",
+    )
+    batch_size: int = Field(
+        8, ge=1,
+        description="prompts per LVLM forward pass when scoring and answering; raise it on a large GPU",
+    )
+    max_new_tokens: int = Field(
+        5, ge=1,
+        description="answer tokens generated at inference (OKVQA answers are one to three words)",
+    )
+    min_pixels: int = Field(
+        56 * 56,
+        description="lower bound on an image's area after the processor resizes it (pixels)",
+    )
     max_pixels: int = Field(
         448 * 448, description="upper bound on an image's area after resizing; lower it to cut vision tokens and memory"
     )
@@ -161,10 +209,16 @@ class ModelsConfig(Section):
 
 
 class BeamConfig(Section):
-    beam_size: int = Field(5, ge=1, description="B: beams kept per step of the InfoScore beam search (the v2 training targets)")
+    beam_size: int = Field(
+        5, ge=1,
+        description="B: beams kept per step of the InfoScore beam search (the v2 training targets)",
+    )
     shots: int = Field(2, ge=1, le=8, description="S: length of InfoScore beams")
     num_queries: Optional[int] = Field(None, ge=1, description="train queries to build beams for (None: all)")
-    shards: int = Field(1, ge=1, description="generate-beams units (pods) the queries are split over; part of each unit's key")
+    shards: int = Field(
+        1, ge=1,
+        description="generate-beams units (pods) the queries are split over; part of each unit's key",
+    )
 
 
 class SourceCount(Section):
@@ -174,7 +228,10 @@ class SourceCount(Section):
 
 class SampleSource(Section):
     enabled: bool = Field(True, description="whether sequences sampled from the v2 selector join each RL group")
-    temperatures: list[float] = Field([1.0, 1.3], description="sampling temperatures of the v2 selector; higher adds diversity")
+    temperatures: list[float] = Field(
+        [1.0, 1.3],
+        description="sampling temperatures of the v2 selector; higher adds diversity",
+    )
     per_temperature: int = Field(2, ge=0, description="sequences sampled per query at each temperature")
 
 
@@ -182,10 +239,14 @@ class RLSources(Section):
     infoscore_beam: SourceCount = Field(
         SourceCount(enabled=True, count=5), description="the query's top InfoScore beams (generate-beams)"
     )
-    v2_beam: SourceCount = Field(SourceCount(enabled=True, count=5), description="beam-search decodes of the v2 selector")
+    v2_beam: SourceCount = Field(
+        SourceCount(enabled=True, count=5),
+        description="beam-search decodes of the v2 selector",
+    )
     v2_sample: SampleSource = Field(SampleSource(), description="temperature samples of the v2 selector")
     retrieval: SourceCount = Field(
-        SourceCount(enabled=True, count=2), description="sequences of the pool items closest to the query's CLIP embedding"
+        SourceCount(enabled=True, count=2),
+        description="sequences of the pool items closest to the query's CLIP embedding",
     )
     random: SourceCount = Field(SourceCount(enabled=True, count=2), description="seeded random sequences from the pool")
 
@@ -211,18 +272,27 @@ class RLDataConfig(Section):
     shards: int = Field(1, ge=1, description="generate-rl-data units (pods) the queries are split over")
     sources: RLSources = Field(RLSources(), description="where each query's candidate sequences come from")
     balanced: BalancedConfig = Field(BalancedConfig(), description="top groups up until they hold both outcomes")
-    variable_group_size: bool = Field(False, description="keep groups of whatever size the sources give (the seeds' k64 v3 data)")
+    variable_group_size: bool = Field(
+        False,
+        description="keep groups of whatever size the sources give (the seeds' k64 v3 data)",
+    )
 
 
 class SelectorConfig(Section):
-    arch: Literal["pointer"] = Field("pointer", description="selector architecture: the pointer network of SPEC section 4")
+    arch: Literal["pointer"] = Field(
+        "pointer",
+        description="selector architecture: the pointer network of SPEC section 4",
+    )
     hidden: int = Field(256, ge=4, description="width of the query/candidate projections and attention layers")
     layers: int = Field(1, ge=0, description="query-over-candidates cross-attention layers (0: projections only)")
     heads: int = Field(1, ge=1, description="attention heads per cross-attention layer (must divide hidden)")
     temperature: float = Field(
         0.1, gt=0, description="divides the cosine scores before the softmax over candidates; lower is sharper"
     )
-    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout in supervised (v2) and RCE training; GRPO runs with dropout off")
+    dropout: float = Field(
+        0.5, ge=0.0, lt=1.0,
+        description="dropout in supervised (v2) and RCE training; GRPO runs with dropout off",
+    )
     init: Literal["default", "siamese"] = Field(
         "default",
         description="default: PyTorch's initialisation (an untrained selector ranks candidates at random); "
@@ -233,7 +303,10 @@ class SelectorConfig(Section):
 
 
 class V2TrainConfig(Section):
-    epochs: int = Field(10, ge=0, description="epochs of teacher-forced cross-entropy on the InfoScore beams (train-v2)")
+    epochs: int = Field(
+        10, ge=0,
+        description="epochs of teacher-forced cross-entropy on the InfoScore beams (train-v2)",
+    )
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate of train-v2")
     batch_size: int = Field(16, ge=1, description="beams per train-v2 step")
     score_threshold: Optional[float] = Field(None, description="drop beams scoring below this InfoScore")
@@ -249,10 +322,19 @@ class RewardConfig(Section):
         "alpha*beam_score + beta*correct (the reference trainer)",
     )
     hard_weight: float = Field(1.0, description="weight of the exact-match correctness term")
-    soft_weight: float = Field(1.0, description="weight of the soft term (VQA accuracy score or ground-truth probability)")
-    rel_weight: float = Field(0.1, description="hard_plus_gtprob_plus_rel only: weight of the relevance score of wrong answers")
+    soft_weight: float = Field(
+        1.0,
+        description="weight of the soft term (VQA accuracy score or ground-truth probability)",
+    )
+    rel_weight: float = Field(
+        0.1,
+        description="hard_plus_gtprob_plus_rel only: weight of the relevance score of wrong answers",
+    )
     alpha: float = Field(0.5, description="legacy only: weight of the InfoScore beam score")
-    beta: float = Field(0.8, description="legacy only: weight of correctness (not the KL coefficient: that is grpo.kl_beta)")
+    beta: float = Field(
+        0.8,
+        description="legacy only: weight of correctness (not the KL coefficient: that is grpo.kl_beta)",
+    )
     negate: bool = Field(
         False,
         description="ablation only: train on the negated reward, a deliberately harmful signal; a run with it "
@@ -261,11 +343,15 @@ class RewardConfig(Section):
 
 
 class RCEConfig(Section):
-    epochs: int = Field(5, ge=0, description="epochs of reward-weighted cross-entropy from the v2 weights (train-rce); 0 skips it")
+    epochs: int = Field(
+        5, ge=0,
+        description="epochs of reward-weighted cross-entropy from the v2 weights (train-rce); 0 skips it",
+    )
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate of train-rce")
     batch_size: int = Field(8, ge=1, description="RL groups per train-rce step")
     tau_start: float = Field(
-        2.0, gt=0, description="softmax temperature over a group's rewards at the first step (high: near-uniform weights)"
+        2.0, gt=0,
+        description="softmax temperature over a group's rewards at the first step (high: near-uniform weights)",
     )
     tau_end: float = Field(
         0.5, gt=0, description="temperature at the last step (linear schedule); low concentrates on the best candidates"
@@ -284,11 +370,20 @@ class AdaptiveBeta(Section):
 class CurriculumConfig(Section):
     """plan9: phase 1 on high+medium quality queries, phase 2 on all, from phase 1's best."""
 
-    enabled: bool = Field(False, description="train GRPO in two phases (replaces grpo.epochs by phase1_epochs + phase2_epochs)")
+    enabled: bool = Field(
+        False,
+        description="train GRPO in two phases (replaces grpo.epochs by phase1_epochs + phase2_epochs)",
+    )
     phase1_epochs: int = Field(30, description="epochs on the high and medium quality groups only")
-    phase2_epochs: int = Field(20, description="epochs on all groups, from phase 1's checkpoint chosen by checkpoint.strategy")
+    phase2_epochs: int = Field(
+        20,
+        description="epochs on all groups, from phase 1's checkpoint chosen by checkpoint.strategy",
+    )
     high_gap: float = Field(1.5, description="a high-quality group's reward range (max - min) is at least this")
-    high_min_each: int = Field(3, description="... and it holds at least this many correct and this many wrong candidates")
+    high_min_each: int = Field(
+        3,
+        description="... and it holds at least this many correct and this many wrong candidates",
+    )
     medium_gap: float = Field(1.0, description="reward range of a medium-quality group (lower bound)")
     medium_min_each: int = Field(2, description="correct and wrong candidates a medium-quality group holds at least")
 
@@ -330,7 +425,10 @@ class OnlineRolloutConfig(Section):
 
 
 class GRPOConfig(Section):
-    epochs: int = Field(0, ge=0, description="GRPO epochs after RCE (train-grpo); 0 skips GRPO and keeps the RCE selector")
+    epochs: int = Field(
+        0, ge=0,
+        description="GRPO epochs after RCE (train-grpo); 0 skips GRPO and keeps the RCE selector",
+    )
     rollout: Literal["offline", "online"] = Field(
         "offline",
         description="offline: GRPO over the fixed, pre-judged RL-data groups; online: each round the selector "
@@ -351,13 +449,18 @@ class GRPOConfig(Section):
         "with adaptive_beta); 0 keeps PPO-clip only (the KL is still measured)",
     )
     rank_advantage: bool = Field(
-        True, description="true: advantages from reward ranks within the group; false: group z-scores (min_std, adv_clip)"
+        True,
+        description="true: advantages from reward ranks within the group; false: group z-scores (min_std, adv_clip)",
     )
-    min_std: float = Field(0.1, gt=0, description="z-score advantages: floor on a group's reward std (avoids huge advantages)")
+    min_std: float = Field(
+        0.1, gt=0,
+        description="z-score advantages: floor on a group's reward std (avoids huge advantages)",
+    )
     adv_clip: float = Field(5.0, gt=0, description="z-score advantages: clipped to [-adv_clip, adv_clip]")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip range of the policy ratio: [1-eps, 1+eps]")
     log_ratio_clamp: float = Field(
-        20.0, gt=0, description="clamp on log-ratios before exp() (PPO ratio, k3 KL) so off-policy candidates cannot overflow"
+        20.0, gt=0,
+        description="clamp on log-ratios before exp() (PPO ratio, k3 KL) so off-policy candidates cannot overflow",
     )
     # "exact": KL over the pointer's full candidate distributions.  k3 is an unbiased estimate only
     # for on-policy samples; GRPO here scores off-policy group candidates (beams, retrieval,
@@ -371,7 +474,10 @@ class GRPOConfig(Section):
         "rce", description="policy the KL penalty pulls towards: the RCE selector GRPO starts from, the v2 selector, "
         "or none (no KL term)"
     )
-    adaptive_beta: AdaptiveBeta = Field(AdaptiveBeta(), description="adapt kl_beta to the measured KL after every epoch")
+    adaptive_beta: AdaptiveBeta = Field(
+        AdaptiveBeta(),
+        description="adapt kl_beta to the measured KL after every epoch",
+    )
     freeze_backbone: bool = Field(
         True, description="train only the final scoring projections (score_q, score_c); false: train the whole selector"
     )
@@ -403,7 +509,10 @@ class CheckpointConfig(Section):
         "judged samples on held-out queries: online GRPO only, RCE epochs fall back to the last), the last epoch, "
         "or a fixed epoch",
     )
-    epoch: Optional[int] = Field(None, ge=1, description="strategy epoch: the epoch to take (capped at the last one trained)")
+    epoch: Optional[int] = Field(
+        None, ge=1,
+        description="strategy epoch: the epoch to take (capped at the last one trained)",
+    )
     # GRPO epochs evaluated beside the chosen checkpoint (inference variants ``epoch{N}``, report
     # rows ``epoch{N}``); epochs past the plan's GRPO epoch count are not evaluated (see
     # lever.pipeline.graph.evaluated_epochs)
@@ -428,7 +537,10 @@ class InferConfig(Section):
         "val", description="split the evaluation queries come from (train: a query never picks itself)"
     )
     num_samples: int = Field(800, ge=1, description="evaluation queries: the first N of split in recorded order")
-    shots: list[int] = Field([1, 2, 3, 4], description="ICD counts evaluated; each is its own inference unit and report column")
+    shots: list[int] = Field(
+        [1, 2, 3, 4],
+        description="ICD counts evaluated; each is its own inference unit and report column",
+    )
     shards: int = Field(1, ge=1, description="inference units each (variant, shot) is split over")
     units_per_pod: int = Field(
         1, ge=1,
@@ -482,14 +594,20 @@ class AlertConfig(Section):
     # Prometheus side only (lever.obs.alerts): how long a condition must hold before an alert
     # fires, and how long after a run's last push its alerts still count (Pushgateway keeps
     # finished runs' groups forever; without this, one diverged run would alert for ever).
-    for_minutes: float = Field(1.0, ge=0, description="Prometheus rules: how long a condition must hold before its alert fires")
+    for_minutes: float = Field(
+        1.0, ge=0,
+        description="Prometheus rules: how long a condition must hold before its alert fires",
+    )
     retention_hours: float = Field(
         24.0, gt=0, description="Prometheus rules: a run's alerts count only this long after its last push"
     )
 
 
 class ReportConfig(Section):
-    bootstrap_samples: int = Field(2000, ge=100, description="paired bootstrap resamples per confidence interval of the report")
+    bootstrap_samples: int = Field(
+        2000, ge=100,
+        description="paired bootstrap resamples per confidence interval of the report",
+    )
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="level of the report's confidence intervals")
     references: list[str] = Field(
         [], description="inference variants shown as reference rows; empty: the plan's infer.baselines"
@@ -497,9 +615,13 @@ class ReportConfig(Section):
 
 
 class PlatformConfig(Section):
-    image: str = Field("ghcr.io/lever-ml/lever:0.1.0", description="container image of the GPU (and heavy CPU) stage pods")
+    image: str = Field(
+        "ghcr.io/lever-ml/lever:0.1.0",
+        description="container image of the GPU (and heavy CPU) stage pods",
+    )
     slim_image: str = Field(
-        "ghcr.io/lever-ml/lever-slim:0.1.0", description="smaller CPU-only image of the light steps (list-units, summarize, regress)"
+        "ghcr.io/lever-ml/lever-slim:0.1.0",
+        description="smaller CPU-only image of the light steps (list-units, summarize, regress)",
     )
     namespace: str = Field("lever", description="Kubernetes namespace the workflows run in")
     gpu_per_pod: int = Field(1, description="nvidia.com/gpu requested by each GPU stage pod")
@@ -534,7 +656,10 @@ class PlatformConfig(Section):
     cpu_memory: str = Field("8Gi", description="memory request of a CPU stage pod")
     shm_size: str = Field("16Gi", description="size of the in-memory /dev/shm volume of GPU pods (PyTorch workers)")
     cache_size: str = Field("100Gi", description="size limit of each pod's /cache scratch volume")
-    retry_limit: int = Field(3, ge=0, description="Argo retries of a failed step (user errors, exit 2, are never retried)")
+    retry_limit: int = Field(
+        3, ge=0,
+        description="Argo retries of a failed step (user errors, exit 2, are never retried)",
+    )
     retry_backoff: str = Field("1m", description="wait before the first retry (Argo duration)")
     retry_factor: int = Field(2, ge=1, description="growth factor of the wait between retries")
     retry_max_duration: str = Field("2h", description="no retry starts after this long since the first attempt")
@@ -545,17 +670,32 @@ class PlatformConfig(Section):
 class PlanConfig(Section):
     name: str = Field(..., description="plan name (its preset file's stem); names runs, reports and workflows")
     description: str = Field("", description="one line for humans, shown by `lever plans`")
-    extends: Optional[str] = Field(None, description="parent plan whose settings this one starts from (a diff against it)")
-    profile: Optional[str] = Field(None, description="profile overlay the plan was loaded with (tiny, cluster); set by the loader")
-    seed: int = Field(42, description="seed of splits, candidate draws and training; another seed is another run of the same recipe")
-    recommended: bool = Field(False, description="marks the one shipped plan the nightly workflow runs and the shared manifests default to")
+    extends: Optional[str] = Field(
+        None,
+        description="parent plan whose settings this one starts from (a diff against it)",
+    )
+    profile: Optional[str] = Field(
+        None,
+        description="profile overlay the plan was loaded with (tiny, cluster); set by the loader",
+    )
+    seed: int = Field(
+        42,
+        description="seed of splits, candidate draws and training; another seed is another run of the same recipe",
+    )
+    recommended: bool = Field(
+        False,
+        description="marks the one shipped plan the nightly workflow runs and the shared manifests default to",
+    )
     data: DataConfig = Field(DataConfig(), description="the dataset and its splits")
     encoder: EncoderConfig = Field(EncoderConfig(), description="the CLIP encoder of images and questions")
     sampler: SamplerConfig = Field(SamplerConfig(), description="candidate pools of beams and RL data")
     lvlm: LVLMConfig = Field(LVLMConfig(), description="the vision-language model that scores, judges and answers")
     models: ModelsConfig = Field(ModelsConfig(), description="where provisioned model snapshots are read from")
     beam: BeamConfig = Field(BeamConfig(), description="InfoScore beam search (generate-beams)")
-    rl_data: RLDataConfig = Field(RLDataConfig(), description="judged candidate groups for RCE and GRPO (generate-rl-data)")
+    rl_data: RLDataConfig = Field(
+        RLDataConfig(),
+        description="judged candidate groups for RCE and GRPO (generate-rl-data)",
+    )
     selector: SelectorConfig = Field(SelectorConfig(), description="the pointer selector's architecture")
     v2: V2TrainConfig = Field(V2TrainConfig(), description="supervised training on the beams (train-v2)")
     reward: RewardConfig = Field(RewardConfig(), description="reward of a judged candidate sequence")
