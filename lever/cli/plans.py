@@ -1,7 +1,8 @@
-"""``lever plans`` and ``lever plan show``."""
+"""``lever plans``, ``lever plan show`` and ``lever plan fields``."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -30,3 +31,20 @@ def plan_show(
     from lever.config import load_plan, plan_to_yaml
 
     typer.echo(plan_to_yaml(load_plan(name, profile, set_)), nl=False)
+
+
+@plan_app.command("fields")
+def plan_fields(
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="write the page to FILE instead of stdout"),
+) -> None:
+    """Print the reference of every plan and campaign field (type, default, bounds, description):
+    the page committed as docs/config.md."""
+    from lever.config.reference import config_reference
+    from lever.io import atomic_write_text
+
+    text = config_reference()
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    atomic_write_text(out, text)
+    typer.echo(f"wrote {out}", err=True)

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from lever.io import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:  # transformers is heavy; the annotation only names its config class
+    from transformers import Qwen2_5_VLConfig
 
 # Qwen2.5-VL's chat template as the hub repo ships it (chat_template.json): a default system
 # turn, "Picture N:" labels only with add_vision_id, and <|im_end|> after every turn.
@@ -89,7 +92,7 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_json(path, obj, indent=2)
 
 
-def _legacy_qwen_config(model_cfg: Any, dtype: str) -> dict[str, Any]:
+def _legacy_qwen_config(model_cfg: "Qwen2_5_VLConfig", dtype: str) -> dict[str, Any]:
     """The flat config.json of the hub repo: text fields at the top level, ``rope_scaling`` with
     ``type: mrope``, the vision tower's legacy field names."""
     text = model_cfg.text_config

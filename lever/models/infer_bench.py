@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from lever.config.schema import LVLMConfig
 from lever.models.prompting import Example, icd_example, query_example
 
 
@@ -82,7 +83,7 @@ def bench_shot(lvlm: Any, prompts: list[list[Example]], max_new_tokens: int, rep
 
 
 def run_infer_bench(
-    lvlm_cfg: Any,
+    lvlm_cfg: LVLMConfig,
     *,
     shots: tuple[int, ...] = (0, 1, 2, 4),
     n_queries: int = 48,

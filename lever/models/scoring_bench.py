@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from lever.config.schema import LVLMConfig
 from lever.models.prompting import Example, icd_example, most_common_answer, query_example
 
 
@@ -134,7 +135,7 @@ def bench_setting(
 
 
 def run_scoring_bench(
-    lvlm_cfg: Any,
+    lvlm_cfg: LVLMConfig,
     *,
     ref: tuple[int, int, int] = (64, 5, 2),
     ks: tuple[int, ...] = (16, 32, 64),

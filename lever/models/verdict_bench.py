@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from lever.config.schema import LVLMConfig
 from lever.models.prompting import Example, answer_weights, icd_example, query_example
 
 
@@ -51,7 +52,7 @@ def _paths(lvlm: Any, max_new_tokens: int) -> dict[str, Callable[[list[list[Exam
 
 
 def run_verdict_bench(
-    lvlm_cfg: Any,
+    lvlm_cfg: LVLMConfig,
     *,
     n_queries: int = 8,
     candidates: int = 18,

@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from lever.config.schema import LVLMConfig
+
 log = logging.getLogger(__name__)
 
 WARMUP_VERSION = 3
@@ -57,7 +59,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LEVER_CACHE_DIR") or Path.home() / ".cache" / "lever") / "tiny_qwen"
 
 
-def warmup_key(cfg: Any, vocab_size: int) -> str:
+def warmup_key(cfg: LVLMConfig, vocab_size: int) -> str:
     import transformers
 
     from lever.data.synthetic import GENERATOR_VERSION
@@ -191,7 +193,7 @@ def _targets(ids: list[int], answer_start: int, prompt: _Prompt, items: list[_It
     return tgt
 
 
-def _train(model: Any, processor: Any, cfg: Any) -> None:
+def _train(model: Any, processor: Any, cfg: LVLMConfig) -> None:
     from lever.data.synthetic import CODE_WORDS
     from lever.models.lvlm import Encoded, QwenVLM
     from lever.models.prompting import Example
@@ -239,7 +241,7 @@ def _train(model: Any, processor: Any, cfg: Any) -> None:
     model.eval()
 
 
-def apply_warmup(model: Any, processor: Any, cfg: Any) -> None:
+def apply_warmup(model: Any, processor: Any, cfg: LVLMConfig) -> None:
     """Load the cached warm-up weights for these settings, or train them (seeded) and cache them."""
     path = cache_dir() / f"warmup-{warmup_key(cfg, model.config.text_config.vocab_size)}.safetensors"
     if _load_cached(model, path):
@@ -271,7 +273,7 @@ def _load_cached(model: Any, path: Path) -> bool:
     return True
 
 
-def _train_and_save(model: Any, processor: Any, cfg: Any, path: Path) -> None:
+def _train_and_save(model: Any, processor: Any, cfg: LVLMConfig, path: Path) -> None:
     from safetensors.torch import load_model, save_model
 
     with torch.random.fork_rng(devices=[]):

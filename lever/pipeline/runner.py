@@ -43,7 +43,7 @@ log = logging.getLogger("lever.runner")
 #: config sections a ``--set`` override also applies to in the baseline plan: the ones that make
 #: the two runs comparable (data, models, beams/RL data and the v2 model both start from, eval),
 #: never the RCE/GRPO recipe being compared (selector, reward, rce, grpo, validation, checkpoint)
-SHARED_OVERRIDE_SECTIONS = ("data", "encoder", "sampler", "lvlm", "models", "beam", "rl_data", "v2", "lever_lm", "infer",
+SHARED_OVERRIDE_SECTIONS = ("data", "encoder", "sampler", "lvlm", "models", "beam", "rl_data", "v2", "infer",
                             "report", "alerts", "platform", "seed")
 
 

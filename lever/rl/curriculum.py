@@ -9,16 +9,16 @@ gap = max reward - min reward in the group; positive = ``correct``.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
 
 import torch
 
+from lever.config.schema import CurriculumConfig
 from lever.rl.groups import GroupData
 
 BUCKETS: tuple[str, ...] = ("high", "medium", "low")
 
 
-def quality_buckets(data: GroupData, cfg: Any) -> list[str]:
+def quality_buckets(data: GroupData, cfg: CurriculumConfig) -> list[str]:
     """Bucket name per query of ``data`` (CurriculumConfig thresholds)."""
     gm = data.group_mask
     r = data.rewards
@@ -41,7 +41,7 @@ def bucket_counts(buckets: list[str]) -> dict[str, int]:
     return {b: c.get(b, 0) for b in BUCKETS}
 
 
-def phase1_indices(data: GroupData, cfg: Any) -> torch.Tensor:
+def phase1_indices(data: GroupData, cfg: CurriculumConfig) -> torch.Tensor:
     """Queries of the high and medium buckets (phase 1 of the curriculum)."""
     return torch.tensor([i for i, b in enumerate(quality_buckets(data, cfg)) if b != "low"], dtype=torch.long)
 

@@ -8,10 +8,11 @@ covers all of them (the seeds' trainer needed a fixed group size and fell back t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
+from lever.config.schema import RewardConfig
 from lever.pipeline.context import StageError
 from lever.rl.rewards import plan_reward
 from lever.selectors.pointer import PointerSelector, step_logprobs
@@ -62,7 +63,7 @@ def build_groups(
     records: list[dict],
     *,
     n_items: int,
-    reward_cfg: Optional[Any] = None,
+    reward_cfg: Optional[RewardConfig] = None,
     reward_field: Optional[str] = None,
 ) -> GroupData:
     """Tensors for ``records`` (sorted by query id).  Rewards come from ``reward_cfg`` (RewardConfig)

@@ -29,11 +29,12 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
 
+from lever.config.schema import GRPOConfig
 from lever.rl.advantage import group_advantages, zero_variance_groups
 from lever.rl.groups import GroupData, batch_step_logprobs, scatter_rows
 from lever.rl.losses import kl_k3, ppo_terms
@@ -65,7 +66,7 @@ def set_trainable(model: PointerSelector, freeze_backbone: bool) -> list[torch.n
     return out
 
 
-def advantages_for(data: GroupData, cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def advantages_for(data: GroupData, cfg: GRPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded advantages [Q, G] and active mask [Q, G] (real rows of groups with variance)."""
     rq, rg = data.rows()
     r = data.rewards[rq, rg]
@@ -100,7 +101,7 @@ def grpo_batch(
     qsel: torch.Tensor,
     adv_all: torch.Tensor,
     active_all: torch.Tensor,
-    cfg: Any,
+    cfg: GRPOConfig,
     beta: float,
 ) -> GRPOBatch:
     """The GRPO loss of the groups ``qsel`` (all sizes in one padded pass).  ``old=None``: the old
@@ -135,7 +136,7 @@ def run_grpo(
     emb: torch.Tensor,
     train: GroupData,
     val: GroupData,
-    cfg: Any,
+    cfg: GRPOConfig,
     *,
     epochs: int,
     reference: Optional[PointerSelector],
@@ -144,16 +145,17 @@ def run_grpo(
     seed: int = 0,
     start_epoch: int = 1,
     phase: str = "grpo",
-    beta: Optional[float] = None,
     extra: Optional[dict] = None,
     state_path: Optional[Path] = None,
     fingerprint: str = "",
 ) -> tuple[list[dict], float, bool]:
     """Train ``model`` in place (GRPOConfig ``cfg``) for ``epochs``; epochs are numbered from
-    ``start_epoch``.  Returns (this call's rows, final beta, stopped-by-hook).  With ``state_path``
-    a killed earlier attempt is resumed (weights, AdamW, generator, beta, round position and the
-    round's old policy) and the state is rewritten after every epoch."""
-    beta = cfg.kl_beta if beta is None else beta
+    ``start_epoch``.  Returns (this call's rows, final beta, stopped-by-hook).  The KL coefficient
+    starts at ``cfg.kl_beta``, its only source (a run continuing another's adapted beta passes a
+    config carrying it).  With ``state_path`` a killed earlier attempt is resumed (weights, AdamW,
+    generator, beta, round position and the round's old policy) and the state is rewritten after
+    every epoch."""
+    beta = cfg.kl_beta
     if epochs == 0 or len(train) == 0:
         return [], beta, False
     with torch.random.fork_rng(devices=[]):
@@ -164,7 +166,7 @@ def run_grpo(
 
 
 def _grpo_epochs(
-    model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData, cfg: Any, *, epochs: int,
+    model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData, cfg: GRPOConfig, *, epochs: int,
     reference: Optional[PointerSelector], recorder: EpochRecorder, save: Optional[SaveFn], seed: int,
     start_epoch: int, phase: str, beta: float, extra: Optional[dict], state_path: Optional[Path], fingerprint: str,
 ) -> tuple[list[dict], float, bool]:

@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm import tqdm
 
+from lever.config.schema import GRPOConfig, OnlineRolloutConfig, RewardConfig
 from lever.models.prompting import icd_example, most_common_answer, query_example
 from lever.rl.advantage import zero_variance_groups
 from lever.rl.grpo import advantages_for, frozen_copy, grpo_batch, set_trainable
@@ -136,8 +137,8 @@ def _icds(pool_row: torch.Tensor, positions: torch.Tensor) -> tuple[int, ...]:
 
 
 def rollout(
-    model: PointerSelector, emb: torch.Tensor, source: GroupData, qsel: torch.Tensor, ocfg: Any, judge: OnlineJudge,
-    reward_cfg: Any, gen: torch.Generator,
+    model: PointerSelector, emb: torch.Tensor, source: GroupData, qsel: torch.Tensor, ocfg: OnlineRolloutConfig, judge: OnlineJudge,
+    reward_cfg: RewardConfig, gen: torch.Generator,
 ) -> Round:
     """Sample, judge and score the groups of the queries ``qsel`` of ``source`` (the offline groups:
     they give each query its pool and, with ``offline_fraction`` > 0, the candidates mixed in)."""
@@ -188,7 +189,7 @@ def rollout(
 
 @torch.no_grad()
 def heldout_rewards(
-    model: PointerSelector, emb: torch.Tensor, val: GroupData, judge: OnlineJudge, reward_cfg: Any, ocfg: Any,
+    model: PointerSelector, emb: torch.Tensor, val: GroupData, judge: OnlineJudge, reward_cfg: RewardConfig, ocfg: OnlineRolloutConfig,
     seed: int,
 ) -> dict[str, Optional[float]]:
     """Mean reward (and share correct) of the policy's own samples and greedy sequence on held-out
@@ -221,10 +222,10 @@ def run_online_grpo(
     emb: torch.Tensor,
     train: GroupData,
     val: GroupData,
-    cfg: Any,
+    cfg: GRPOConfig,
     *,
     judge: OnlineJudge,
-    reward_cfg: Any,
+    reward_cfg: RewardConfig,
     epochs: int,
     reference: Optional[PointerSelector],
     recorder: EpochRecorder,
@@ -248,8 +249,8 @@ def run_online_grpo(
 
 
 def _online_epochs(
-    model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData, cfg: Any, *, judge: OnlineJudge,
-    reward_cfg: Any, epochs: int, reference: Optional[PointerSelector], recorder: EpochRecorder,
+    model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData, cfg: GRPOConfig, *, judge: OnlineJudge,
+    reward_cfg: RewardConfig, epochs: int, reference: Optional[PointerSelector], recorder: EpochRecorder,
     save: Optional[SaveFn], seed: int, state_path: Optional[Path], fingerprint: str, phase: str,
 ) -> tuple[list[dict], dict]:
     ocfg = cfg.online

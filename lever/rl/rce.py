@@ -9,11 +9,12 @@ supervised training; validation runs with dropout off.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
 
+from lever.config.schema import RCEConfig
 from lever.rl.advantage import group_advantages, zero_variance_groups
 from lever.rl.groups import GroupData, batch_step_logprobs, scatter_rows
 from lever.rl.losses import rce_loss
@@ -59,7 +60,7 @@ def run_rce(
     emb: torch.Tensor,
     train: GroupData,
     val: GroupData,
-    cfg: Any,
+    cfg: RCEConfig,
     *,
     recorder: EpochRecorder,
     save: Optional[SaveFn] = None,
@@ -85,7 +86,7 @@ def run_rce(
 
 
 def _rce_epochs(
-    model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData, cfg: Any, *,
+    model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData, cfg: RCEConfig, *,
     recorder: EpochRecorder, save: Optional[SaveFn], seed: int, grad_clip: float, phase: str,
     state_path: Optional[Path], fingerprint: str,
 ) -> list[dict]:

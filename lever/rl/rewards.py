@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from lever.config.schema import RewardConfig
+
 REWARD_MODES: tuple[str, ...] = ("hard_plus_soft", "separated", "hard_plus_gtprob_plus_rel", "legacy")
 REWARD_CLIP = 5.0
 
@@ -71,15 +73,15 @@ def compute_reward(
     return max(-REWARD_CLIP, min(REWARD_CLIP, r))
 
 
-def plan_reward(record: dict, cfg: Any) -> float:
+def plan_reward(record: dict, cfg: RewardConfig) -> float:
     """The reward a plan trains on: ``compute_reward`` with the ``RewardConfig``'s mode and weights,
     sign-flipped under the ``negate`` ablation (a deliberately harmful signal that an evaluation
     able to tell a working selector from a broken one must catch)."""
     r = compute_reward(record, cfg.mode, **reward_kwargs(cfg))
-    return -r if getattr(cfg, "negate", False) else r
+    return -r if cfg.negate else r
 
 
-def reward_kwargs(cfg: Any) -> dict[str, float]:
+def reward_kwargs(cfg: RewardConfig) -> dict[str, float]:
     """Keyword weights from a ``RewardConfig`` (so callers need not list them)."""
     return {
         "hard_weight": cfg.hard_weight,

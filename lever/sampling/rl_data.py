@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from lever.config.schema import RLDataConfig
 from lever.models.lvlm import LVLM, Example, answer_prob, gt_prob_batch, postprocess_generation, rel_score, weighted_gt_prob
 from lever.models.prompting import answer_weights, most_common_answer
 
@@ -221,7 +222,7 @@ class QueryInputs:
     beam_rec: Optional[dict] = None
 
 
-def build_group(inp: QueryInputs, rl_cfg: Any, min_group: int, seed: int, selector: Any = None) -> list[Candidate]:
+def build_group(inp: QueryInputs, rl_cfg: RLDataConfig, min_group: int, seed: int, selector: Any = None) -> list[Candidate]:
     """The candidate sequences (before judging) from the configured sources, deduplicated and
     topped up with random sequences to the group's minimum size."""
     src = rl_cfg.sources
@@ -270,7 +271,7 @@ def candidate_record(inp: QueryInputs, c: Candidate, verdict: dict[str, Any]) ->
 
 
 def query_record(
-    inp: QueryInputs, lvlm: LVLM, rl_cfg: Any, min_group: int, seed: int,
+    inp: QueryInputs, lvlm: LVLM, rl_cfg: RLDataConfig, min_group: int, seed: int,
     selector: Any = None, scorer: Optional[Scorer] = None, max_new_tokens: Optional[int] = None,
 ) -> dict[str, Any]:
     """The full ``rl_data.jsonl`` line of one query."""

@@ -279,8 +279,10 @@ def _train_grpo(ctx: StageContext) -> None:
         model, _ = load_checkpoint(ctx.out / f"grpo_epoch{e}")
         model.to(emb.device)
         info["phase1"] = {"groups": len(p1), "epochs": done, "selected_epoch": e, "reason": why}
-    run_grpo(model, emb, train, val, g, epochs=cur.phase2_epochs, reference=reference, recorder=rec, save=save,
-             seed=plan.seed + 1, start_epoch=done + 1, beta=beta, extra={"curriculum_phase": 2},
+    # phase 2 starts from phase 1's (possibly adapted) KL coefficient: the config is its one channel
+    g2 = g.model_copy(update={"kl_beta": beta})
+    run_grpo(model, emb, train, val, g2, epochs=cur.phase2_epochs, reference=reference, recorder=rec, save=save,
+             seed=plan.seed + 1, start_epoch=done + 1, extra={"curriculum_phase": 2},
              state_path=ctx.out / "grpo_p2_state.safetensors", fingerprint=_fingerprint(ctx, "p2"))
     atomic_write_json(ctx.out / "grpo_info.json", info)
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 from tqdm import tqdm
 
+from lever.config.schema import V2TrainConfig
 from lever.pipeline.context import StageError
 from lever.rl.groups import GroupData, batch_step_logprobs
 from lever.rl.resume import load_state, restore, save_state
@@ -105,7 +106,7 @@ def evaluate_v2(model: PointerSelector, emb: torch.Tensor, data: GroupData, batc
 
 @small_model_threads
 def run_v2(
-    model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData, cfg: Any, *,
+    model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData, cfg: V2TrainConfig, *,
     recorder: EpochRecorder, seed: int = 0, grad_clip: float = 1.0, phase: str = "v2",
     state_path: Optional[Path] = None, fingerprint: str = "",
 ) -> list[dict]:
@@ -120,7 +121,7 @@ def run_v2(
 
 
 def _v2_epochs(
-    model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData, cfg: Any, *,
+    model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData, cfg: V2TrainConfig, *,
     recorder: EpochRecorder, seed: int, grad_clip: float, phase: str, state_path: Optional[Path], fingerprint: str,
 ) -> list[dict]:
     params = list(model.parameters())
