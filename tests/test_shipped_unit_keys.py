@@ -59,3 +59,21 @@ if __name__ == "__main__":  # regenerate after a deliberate key change
         keys = all_keys(Path(d))
     GOLDEN.write_text(json.dumps(keys, indent=1, sort_keys=True) + "\n")
     print(f"wrote {GOLDEN} ({sum(len(v) for v in keys.values())} units)")
+
+
+def test_a_bumped_stage_version_is_caught():
+    """The record can catch a change: bumping train-grpo's version changes its key and every key
+    after it (through its hash), while the stages before it keep theirs."""
+    import dataclasses
+
+    from lever.config import load_plan
+    from lever.pipeline.graph import STAGES
+    from lever.pipeline.hashing import plan_keys
+
+    bumped = tuple(dataclasses.replace(s, version=s.version + 1) if s.name == "train-grpo" else s for s in STAGES)
+    keys = plan_keys(load_plan("plan5", "tiny", []), bumped)
+    recorded = json.loads(GOLDEN.read_text())["plan5/tiny"]
+    assert f"train-grpo/{keys.units['train-grpo'][0][1]}" != recorded["train-grpo all"]
+    assert f"select-checkpoint/{keys.units['select-checkpoint'][0][1]}" != recorded["select-checkpoint all"]
+    rl_unit, rl_key = keys.units["generate-rl-data"][0]
+    assert f"generate-rl-data/{rl_key}" == recorded[f"generate-rl-data {rl_unit.id}"]
