@@ -9,21 +9,18 @@ supervised training; validation runs with dropout off.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 from lever.config.schema import RCEConfig
 from lever.rl.advantage import group_advantages, zero_variance_groups
 from lever.rl.groups import GroupData, batch_step_logprobs, scatter_rows
 from lever.rl.losses import rce_loss
-from lever.rl.resume import load_state, restore, save_state
-from lever.rl.trainer import EpochRecorder, check_finite, clip_and_check, mean, small_model_threads
+from lever.rl.loop import EpochPhase, Loop, SaveFn, forked_seed, run_epochs
+from lever.rl.trainer import EpochRecorder, mean, small_model_threads
 from lever.rl.validation import evaluate
 from lever.selectors.pointer import PointerSelector, entropy, gather_sequence
-
-SaveFn = Callable[[PointerSelector, int, dict], None]
 
 
 def tau_at(step: int, total: int, tau_start: float, tau_end: float) -> float:
@@ -79,68 +76,47 @@ def run_rce(
     """
     if cfg.epochs == 0 or len(train) == 0:
         return []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _rce_epochs(model, emb, train, val, cfg, recorder=recorder, save=save, seed=seed,
-                           grad_clip=grad_clip, phase=phase, state_path=state_path, fingerprint=fingerprint)
+    with forked_seed(seed):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        loop = Loop(model, params, opt, torch.Generator().manual_seed(seed), recorder, phase, grad_clip)
+        return run_epochs(_RCEPhase(model, emb, train, val, cfg), loop, first_epoch=1, last_epoch=cfg.epochs,
+                          save=save, state_path=state_path, fingerprint=fingerprint).rows
 
 
-def _rce_epochs(
-    model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData, cfg: RCEConfig, *,
-    recorder: EpochRecorder, save: Optional[SaveFn], seed: int, grad_clip: float, phase: str,
-    state_path: Optional[Path], fingerprint: str,
-) -> list[dict]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    st = load_state(state_path, fingerprint) if state_path is not None else None
-    first, step = 1, 0
-    if st is not None:
-        restore(st, model, opt, gen)
-        first, step = st.epoch + 1, st.global_step
-        recorder.restore(st.epoch)
-    rewards = normalized_rewards(train) if cfg.normalized_reward else train.rewards
-    stats = reward_stats(train)
-    steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
-    total = steps_per_epoch * cfg.epochs
-    rows = []
-    if recorder.stopped is not None:  # a hook stopped an earlier attempt on this dir
-        return rows
-    for epoch in range(first, cfg.epochs + 1):
-        model.train()
-        perm = torch.randperm(len(train), generator=gen)
+class _RCEPhase(EpochPhase):
+    """One RCE epoch: shuffled batches of query groups, reward-weighted CE at the scheduled tau."""
+
+    def __init__(self, model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData,
+                 cfg: RCEConfig) -> None:
+        self.model, self.emb, self.train, self.val, self.cfg = model, emb, train, val, cfg
+        self.rewards = normalized_rewards(train) if cfg.normalized_reward else train.rewards
+        self.stats = reward_stats(train)
+        self.steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
+        self.total = self.steps * cfg.epochs
+
+    def train_epoch(self, loop: Loop, epoch: int) -> dict:
+        cfg, train = self.cfg, self.train
+        self.model.train()
+        perm = torch.randperm(len(train), generator=loop.gen)
         losses, norms, ents = [], [], []
-        bar = tqdm(range(steps_per_epoch), desc=f"{phase} epoch {epoch}/{cfg.epochs}", leave=False, disable=None)
+        bar = loop.progress(self.steps, f"{loop.phase} epoch {epoch}/{cfg.epochs}")
         for i in bar:
             qsel = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(train.device)
-            tau = tau_at(step, total, cfg.tau_start, cfg.tau_end)
-            step_lp, seqs, rq, rg = batch_step_logprobs(model, emb, train, qsel)
+            tau = tau_at(loop.step, self.total, cfg.tau_start, cfg.tau_end)
+            step_lp, seqs, rq, rg = batch_step_logprobs(self.model, self.emb, train, qsel)
             gm = train.group_mask[qsel]
             logp = scatter_rows(gather_sequence(step_lp, seqs), rq, rg, tuple(gm.shape))
-            loss = rce_loss(logp, rewards[qsel], gm, tau)
-            lv = check_finite(loss, "loss", phase, epoch, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = clip_and_check(params, grad_clip, phase, epoch, step)
-            opt.step()
+            lv, gn = loop.optimize(rce_loss(logp, self.rewards[qsel], gm, tau), epoch)
             ent = float(entropy(step_lp.detach()).mean())
             losses.append(lv)
             norms.append(gn)
             ents.append(ent)
-            recorder.step(phase, step, {"epoch": epoch, "loss": lv, "tau": tau, "grad_norm": gn, "entropy": ent})
+            loop.record_step(epoch, {"loss": lv, "tau": tau, "grad_norm": gn, "entropy": ent})
             bar.set_postfix(loss=f"{lv:.4f}", tau=f"{tau:.3f}")
-            step += 1
-        v = evaluate(model, emb, val)
-        row = {"train_loss": mean(losses), **v, "grad_norm": mean(norms), "entropy": mean(ents),
-               "tau": tau_at(step - 1, total, cfg.tau_start, cfg.tau_end), **stats}
-        if save is not None:
-            save(model, epoch, row)
-        rows.append(row)
-        stop = recorder.epoch(phase, epoch, row)  # hooks run before the resume state is written
-        if state_path is not None:
-            save_state(state_path, model=model, opt=opt, gen=gen, epoch=epoch, global_step=step,
-                       fingerprint=fingerprint)
-        if stop:
-            break
-    return rows
+            loop.step += 1
+        return {"train_loss": mean(losses), "grad_norm": mean(norms), "entropy": mean(ents),
+                "tau": tau_at(loop.step - 1, self.total, cfg.tau_start, cfg.tau_end), **self.stats}
 
+    def evaluate(self, loop: Loop, epoch: int) -> dict:
+        return evaluate(self.model, self.emb, self.val)

@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
-from tqdm import tqdm
 
 from lever.config.schema import V2TrainConfig
 from lever.pipeline.context import StageError
 from lever.rl.groups import GroupData, batch_step_logprobs
-from lever.rl.resume import load_state, restore, save_state
-from lever.rl.trainer import EpochRecorder, check_finite, clip_and_check, mean, small_model_threads
+from lever.rl.loop import EpochPhase, Loop, forked_seed, run_epochs
+from lever.rl.trainer import EpochRecorder, mean, small_model_threads
 from lever.selectors.pointer import PointerSelector, eval_mode, gather_sequence, greedy
 
 
@@ -114,51 +113,36 @@ def run_v2(
     Dropout RNG seeded from ``seed`` in a forked scope; ``state_path`` resumes a killed attempt."""
     if cfg.epochs == 0 or len(train) == 0:
         return []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _v2_epochs(model, emb, train, val, cfg, recorder=recorder, seed=seed, grad_clip=grad_clip,
-                          phase=phase, state_path=state_path, fingerprint=fingerprint)
+    with forked_seed(seed):
+        params = list(model.parameters())
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        loop = Loop(model, params, opt, torch.Generator().manual_seed(seed), recorder, phase, grad_clip)
+        return run_epochs(_V2Phase(model, emb, train, val, cfg), loop, first_epoch=1, last_epoch=cfg.epochs,
+                          state_path=state_path, fingerprint=fingerprint).rows
 
 
-def _v2_epochs(
-    model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData, cfg: V2TrainConfig, *,
-    recorder: EpochRecorder, seed: int, grad_clip: float, phase: str, state_path: Optional[Path], fingerprint: str,
-) -> list[dict]:
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
-    rows, step, first = [], 0, 1
-    st = load_state(state_path, fingerprint) if state_path is not None else None
-    if st is not None:
-        restore(st, model, opt, gen)
-        first, step = st.epoch + 1, st.global_step
-        recorder.restore(st.epoch)
-    if recorder.stopped is not None:  # a hook stopped an earlier attempt on this dir
-        return rows
-    for epoch in range(first, cfg.epochs + 1):
-        model.train()
-        perm = torch.randperm(len(train), generator=gen)
+class _V2Phase(EpochPhase):
+    """One v2 epoch: shuffled batches of query groups, CE of every kept beam."""
+
+    def __init__(self, model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData,
+                 cfg: V2TrainConfig) -> None:
+        self.model, self.emb, self.train, self.val, self.cfg = model, emb, train, val, cfg
+        self.steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
+
+    def train_epoch(self, loop: Loop, epoch: int) -> dict:
+        cfg, train = self.cfg, self.train
+        self.model.train()
+        perm = torch.randperm(len(train), generator=loop.gen)
         losses, norms = [], []
-        for i in tqdm(range(steps), desc=f"v2 epoch {epoch}/{cfg.epochs}", leave=False, disable=None):
+        for i in loop.progress(self.steps, f"v2 epoch {epoch}/{cfg.epochs}"):
             qsel = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(train.device)
-            step_lp, seqs, _, _ = batch_step_logprobs(model, emb, train, qsel)
-            loss = -gather_sequence(step_lp, seqs).mean()
-            lv = check_finite(loss, "loss", phase, epoch, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            norms.append(clip_and_check(params, grad_clip, phase, epoch, step))
-            opt.step()
+            step_lp, seqs, _, _ = batch_step_logprobs(self.model, self.emb, train, qsel)
+            lv, gn = loop.optimize(-gather_sequence(step_lp, seqs).mean(), epoch)
             losses.append(lv)
-            recorder.step(phase, step, {"epoch": epoch, "loss": lv, "grad_norm": norms[-1]})
-            step += 1
-        row = {"train_loss": mean(losses), **evaluate_v2(model, emb, val), "grad_norm": mean(norms)}
-        rows.append(row)
-        stop = recorder.epoch(phase, epoch, row)
-        if state_path is not None:
-            save_state(state_path, model=model, opt=opt, gen=gen, epoch=epoch, global_step=step,
-                       fingerprint=fingerprint)
-        if stop:
-            break
-    return rows
+            norms.append(gn)
+            loop.record_step(epoch, {"loss": lv, "grad_norm": gn})
+            loop.step += 1
+        return {"train_loss": mean(losses), "grad_norm": mean(norms)}
 
+    def evaluate(self, loop: Loop, epoch: int) -> dict:
+        return evaluate_v2(self.model, self.emb, self.val)
