@@ -29,22 +29,20 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 from lever.config.schema import GRPOConfig
 from lever.rl.advantage import group_advantages, zero_variance_groups
 from lever.rl.groups import GroupData, batch_step_logprobs, scatter_rows
 from lever.rl.losses import kl_k3, ppo_terms
 from lever.rl.rce import reward_stats
-from lever.rl.resume import load_state, restore, save_state
-from lever.rl.trainer import EpochRecorder, check_finite, clip_and_check, mean, small_model_threads
+from lever.rl.loop import EpochPhase, Loop, SaveFn, forked_seed, run_epochs
+from lever.rl.resume import TrainState
+from lever.rl.trainer import EpochRecorder, mean, small_model_threads
 from lever.rl.validation import evaluate
 from lever.selectors.pointer import SCORING_PREFIXES, PointerSelector, entropy, exact_kl, gather_sequence
-
-SaveFn = Callable[[PointerSelector, int, dict], None]
 
 
 def frozen_copy(model: PointerSelector) -> PointerSelector:
@@ -158,105 +156,121 @@ def run_grpo(
     beta = cfg.kl_beta
     if epochs == 0 or len(train) == 0:
         return [], beta, False
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _grpo_epochs(model, emb, train, val, cfg, epochs=epochs, reference=reference, recorder=recorder,
-                            save=save, seed=seed, start_epoch=start_epoch, phase=phase, beta=beta, extra=extra,
-                            state_path=state_path, fingerprint=fingerprint)
+    with forked_seed(seed):
+        model.eval()  # dropout off for all GRPO log-probs
+        params = set_trainable(model, cfg.freeze_backbone)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        loop = Loop(model, params, opt, torch.Generator().manual_seed(seed), recorder, phase, cfg.grad_clip)
+        grpo = _GRPOPhase(model, emb, train, val, cfg, reference, extra)
+        loop.step = (start_epoch - 1) * grpo.steps
+        res = run_epochs(grpo, loop, first_epoch=start_epoch, last_epoch=start_epoch + epochs - 1, save=save,
+                         state_path=state_path, fingerprint=fingerprint)
+        return res.rows, grpo.beta, res.stopped
 
 
-def _grpo_epochs(
-    model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData, cfg: GRPOConfig, *, epochs: int,
-    reference: Optional[PointerSelector], recorder: EpochRecorder, save: Optional[SaveFn], seed: int,
-    start_epoch: int, phase: str, beta: float, extra: Optional[dict], state_path: Optional[Path], fingerprint: str,
-) -> tuple[list[dict], float, bool]:
-    model.eval()  # dropout off for all GRPO log-probs
-    params = set_trainable(model, cfg.freeze_backbone)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    use_kl = reference is not None
-    ref = reference if reference is not None else frozen_copy(model)
-    adv_all, active_all = advantages_for(train, cfg)
-    rq_all, rg_all = train.rows()
-    adv_rows = adv_all[rq_all, rg_all]
-    stats = reward_stats(train)
-    gen = torch.Generator().manual_seed(seed)
-    steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
-    old: Optional[PointerSelector] = None
-    since_refresh = 0
-    global_step = (start_epoch - 1) * steps_per_epoch
-    first = start_epoch
-    st = load_state(state_path, fingerprint) if state_path is not None else None
-    if st is not None:  # after ``ref`` was copied: with reference none it is the starting policy
-        restore(st, model, opt, gen)
-        first, global_step, since_refresh = st.epoch + 1, st.global_step, st.since_refresh
-        beta = float(st.beta) if st.beta is not None else beta
-        if st.old is not None:
-            old = frozen_copy(model)
-            old.load_state_dict(st.old)
-        recorder.restore(st.epoch)
-    rows = []
-    if recorder.stopped is not None:  # a hook stopped an earlier attempt on this dir
-        return rows, beta, True
-    for epoch in range(first, start_epoch + epochs):
-        perm = torch.randperm(len(train), generator=gen)
-        acc: dict[str, list[float]] = {k: [] for k in ("loss", "ppo", "k3", "exact", "clip", "ent", "gn")}
+def adapt_beta(beta: float, row: dict, cfg: GRPOConfig, use_kl: bool) -> float:
+    """The KL coefficient for the next epoch: times ``factor`` when the epoch's KL in use exceeded
+    ``kl_high``, divided by it below ``kl_low`` (only with a reference and adaptive beta on)."""
+    if use_kl and cfg.adaptive_beta.enabled and beta > 0:
+        kl_used = row["kl_k3"] if cfg.kl_estimator == "k3" else row["kl_exact"]
+        if kl_used is not None and kl_used > cfg.adaptive_beta.kl_high:
+            beta *= cfg.adaptive_beta.factor
+        elif kl_used is not None and kl_used < cfg.adaptive_beta.kl_low:
+            beta /= cfg.adaptive_beta.factor
+    return beta
+
+
+_ACC = ("loss", "ppo", "k3", "exact", "clip", "ent", "gn")
+
+
+def grpo_accumulator() -> dict[str, list[float]]:
+    """An empty per-epoch accumulator for :func:`grpo_step` / :func:`grpo_means`."""
+    return {k: [] for k in _ACC}
+
+
+def grpo_step(loop: Loop, epoch: int, bt: GRPOBatch, acc: dict[str, list[float]], beta: float,
+              more: Optional[dict] = None) -> tuple[float, float]:
+    """One optimizer step on a GRPO batch with a loss: accumulates the epoch's means in ``acc``
+    and writes the steps.jsonl row; returns (loss, k3 over the active rows)."""
+    assert bt.loss is not None
+    lv, gn = loop.optimize(bt.loss, epoch)
+    act = bt.active
+    k3v, exv = float(bt.k3.detach()[act].mean()), float(bt.exact.detach()[act].mean())
+    cf = float(bt.clipped[act].float().mean())
+    ppo = float(bt.ppo.detach())
+    for k, v in zip(_ACC, (lv, ppo, k3v, exv, cf, bt.entropy, gn)):
+        acc[k].append(v)
+    loop.record_step(epoch, {"loss": lv, "ppo_loss": ppo, "kl_k3": k3v, "kl_exact": exv, "clip_frac": cf,
+                             "grad_norm": gn, "beta": beta, **(more or {}),
+                             "ratio_min": float(bt.ratio.min()), "ratio_max": float(bt.ratio.max())})
+    return lv, k3v
+
+
+def grpo_means(acc: dict[str, list[float]]) -> dict[str, Optional[float]]:
+    """The epoch's mean training metrics from :func:`grpo_step`'s accumulator."""
+    return {"train_loss": mean(acc["loss"]), "ppo_loss": mean(acc["ppo"]), "kl_k3": mean(acc["k3"]),
+            "kl_exact": mean(acc["exact"]), "clip_frac": mean(acc["clip"]), "entropy": mean(acc["ent"]),
+            "grad_norm": mean(acc["gn"])}
+
+
+class _GRPOPhase(EpochPhase):
+    """One offline GRPO epoch over the judged groups; carries beta and the round (old policy)."""
+
+    def __init__(self, model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData, cfg: GRPOConfig,
+                 reference: Optional[PointerSelector], extra: Optional[dict]) -> None:
+        self.model, self.emb, self.train, self.val, self.cfg, self.extra = model, emb, train, val, cfg, extra
+        self.use_kl = reference is not None
+        # copied before any resume: with reference none it is the starting policy
+        self.ref = reference if reference is not None else frozen_copy(model)
+        self.adv_all, self.active_all = advantages_for(train, cfg)
+        rq_all, rg_all = train.rows()
+        self.adv_rows = self.adv_all[rq_all, rg_all]
+        self.adv_active = self.adv_rows[self.active_all[rq_all, rg_all]]
+        self.stats = reward_stats(train)
+        self.steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
+        self.beta = cfg.kl_beta
+        self.old: Optional[PointerSelector] = None
+        self.since_refresh = 0
+
+    def train_epoch(self, loop: Loop, epoch: int) -> dict:
+        cfg, train = self.cfg, self.train
+        perm = torch.randperm(len(train), generator=loop.gen)
+        acc = grpo_accumulator()
         skipped = 0
-        bar = tqdm(range(steps_per_epoch), desc=f"{phase} epoch {epoch}", leave=False, disable=None)
+        bar = loop.progress(self.steps, f"{loop.phase} epoch {epoch}")
         for i in bar:
             qsel = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(train.device)
-            if since_refresh == 0:
-                # the round starts here: old policy == current policy (ratio exactly 1)
-                old = frozen_copy(model) if cfg.updates_per_round > 1 else None
-                fresh = True
-            else:
-                fresh = False
-            bt = grpo_batch(model, ref, None if fresh else old, emb, train, qsel, adv_all, active_all, cfg,
-                            beta if use_kl else 0.0)
+            fresh = self.since_refresh == 0
+            if fresh:  # the round starts here: old policy == current policy (ratio exactly 1)
+                self.old = frozen_copy(self.model) if cfg.updates_per_round > 1 else None
+            bt = grpo_batch(self.model, self.ref, None if fresh else self.old, self.emb, train, qsel, self.adv_all,
+                            self.active_all, cfg, self.beta if self.use_kl else 0.0)
             if bt.loss is None:
                 skipped += 1
-                global_step += 1
+                loop.step += 1
                 continue
-            loss, act, ppo, k3_i, ex_i, clipped, ent = bt.loss, bt.active, bt.ppo, bt.k3, bt.exact, bt.clipped, bt.entropy
-            lv = check_finite(loss, "loss", phase, epoch, global_step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = clip_and_check(params, cfg.grad_clip, phase, epoch, global_step)
-            opt.step()
-            since_refresh = (since_refresh + 1) % cfg.updates_per_round
-            k3v, exv = float(k3_i.detach()[act].mean()), float(ex_i.detach()[act].mean())
-            cf = float(clipped[act].float().mean())
-            for k, v in (("loss", lv), ("ppo", float(ppo.detach())), ("k3", k3v), ("exact", exv), ("clip", cf),
-                         ("ent", ent), ("gn", gn)):
-                acc[k].append(v)
-            recorder.step(phase, global_step, {"epoch": epoch, "loss": lv, "ppo_loss": float(ppo.detach()), "kl_k3": k3v,
-                                               "kl_exact": exv, "clip_frac": cf, "grad_norm": gn, "beta": beta,
-                                               "ratio_min": float(bt.ratio.min()), "ratio_max": float(bt.ratio.max())})
+            lv, k3v = grpo_step(loop, epoch, bt, acc, self.beta)
+            self.since_refresh = (self.since_refresh + 1) % cfg.updates_per_round
             bar.set_postfix(loss=f"{lv:.4f}", kl=f"{k3v:.4f}")
-            global_step += 1
-        v = evaluate(model, emb, val)
-        a = adv_rows[active_all[rq_all, rg_all]]
-        row = {
-            "train_loss": mean(acc["loss"]), **v, "ppo_loss": mean(acc["ppo"]), "kl_k3": mean(acc["k3"]),
-            "kl_exact": mean(acc["exact"]), "adv_std": float(adv_rows.std()) if adv_rows.numel() > 1 else 0.0,
-            "adv_max": float(a.abs().max()) if a.numel() else 0.0, "beta": beta if use_kl else 0.0,
-            **stats, "clip_frac": mean(acc["clip"]), "entropy": mean(acc["ent"]), "grad_norm": mean(acc["gn"]),
-            "skipped_steps": skipped, **(extra or {}),
-        }
-        if save is not None:
-            save(model, epoch, row)
-        rows.append(row)
-        if use_kl and cfg.adaptive_beta.enabled and beta > 0:
-            kl_used = row["kl_k3"] if cfg.kl_estimator == "k3" else row["kl_exact"]
-            if kl_used is not None and kl_used > cfg.adaptive_beta.kl_high:
-                beta *= cfg.adaptive_beta.factor
-            elif kl_used is not None and kl_used < cfg.adaptive_beta.kl_low:
-                beta /= cfg.adaptive_beta.factor
-        stop = recorder.epoch(phase, epoch, row)  # hooks run before the resume state is written
-        if state_path is not None:
-            save_state(state_path, model=model, opt=opt, gen=gen, epoch=epoch, global_step=global_step,
-                       fingerprint=fingerprint, beta=beta, since_refresh=since_refresh,
-                       old=old if since_refresh else None)
-        if stop:
-            return rows, beta, True
-    return rows, beta, False
+            loop.step += 1
+        a = self.adv_active
+        return {**grpo_means(acc), "adv_std": float(self.adv_rows.std()) if self.adv_rows.numel() > 1 else 0.0,
+                "adv_max": float(a.abs().max()) if a.numel() else 0.0, "beta": self.beta if self.use_kl else 0.0,
+                **self.stats, "skipped_steps": skipped, **(self.extra or {})}
 
+    def evaluate(self, loop: Loop, epoch: int) -> dict:
+        return evaluate(self.model, self.emb, self.val)
+
+    def end_epoch(self, row: dict) -> None:
+        self.beta = adapt_beta(self.beta, row, self.cfg, self.use_kl)
+
+    def resume_fields(self) -> dict:
+        return {"beta": self.beta, "since_refresh": self.since_refresh,
+                "old": self.old if self.since_refresh else None}
+
+    def restore_fields(self, state: TrainState) -> None:
+        self.since_refresh = state.since_refresh
+        self.beta = float(state.beta) if state.beta is not None else self.beta
+        if state.old is not None:
+            self.old = frozen_copy(self.model)
+            self.old.load_state_dict(state.old)

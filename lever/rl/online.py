@@ -29,26 +29,25 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
-from tqdm import tqdm
 
 from lever.config.schema import GRPOConfig, OnlineRolloutConfig, RewardConfig
 from lever.models.prompting import icd_example, most_common_answer, query_example
 from lever.rl.advantage import zero_variance_groups
-from lever.rl.grpo import advantages_for, frozen_copy, grpo_batch, set_trainable
+from lever.rl.grpo import (adapt_beta, advantages_for, frozen_copy, grpo_accumulator, grpo_batch, grpo_means, grpo_step,
+                           set_trainable)
 from lever.rl.groups import GroupData
 from lever.rl.judge_cache import JudgeCache
-from lever.rl.resume import load_state, restore, save_state
+from lever.rl.loop import EpochPhase, Loop, SaveFn, forked_seed, run_epochs
+from lever.rl.resume import TrainState
 from lever.rl.rewards import plan_reward
-from lever.rl.trainer import EpochRecorder, check_finite, clip_and_check, mean, small_model_threads
+from lever.rl.trainer import EpochRecorder, mean, small_model_threads
 from lever.rl.validation import evaluate
 from lever.selectors.pointer import PointerSelector, greedy, sample_batch
 
 log = logging.getLogger(__name__)
-
-SaveFn = Callable[[PointerSelector, int, dict], None]
 #: salt of the held-out sampling generator (independent of the training stream)
 _HELDOUT_SALT = 7_919
 
@@ -241,57 +240,61 @@ def run_online_grpo(
     generator and beta; the judged cache replays its rewards."""
     if epochs == 0 or len(train) == 0:
         return [], {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _online_epochs(model, emb, train, val, cfg, judge=judge, reward_cfg=reward_cfg, epochs=epochs,
-                              reference=reference, recorder=recorder, save=save, seed=seed, state_path=state_path,
-                              fingerprint=fingerprint, phase=phase)
+    with forked_seed(seed):
+        model.eval()  # dropout off for sampling and every log-prob
+        params = set_trainable(model, cfg.freeze_backbone)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        loop = Loop(model, params, opt, torch.Generator().manual_seed(seed), recorder, phase, cfg.grad_clip)
+        online = _OnlinePhase(model, emb, train, val, cfg, judge, reward_cfg, reference, seed)
+        res = run_epochs(online, loop, first_epoch=1, last_epoch=epochs, save=save, state_path=state_path,
+                         fingerprint=fingerprint)
+        return res.rows, online.info
 
 
-def _online_epochs(
-    model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData, cfg: GRPOConfig, *, judge: OnlineJudge,
-    reward_cfg: RewardConfig, epochs: int, reference: Optional[PointerSelector], recorder: EpochRecorder,
-    save: Optional[SaveFn], seed: int, state_path: Optional[Path], fingerprint: str, phase: str,
-) -> tuple[list[dict], dict]:
-    ocfg = cfg.online
-    model.eval()  # dropout off for sampling and every log-prob
-    params = set_trainable(model, cfg.freeze_backbone)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    use_kl = reference is not None
-    ref = reference if reference is not None else frozen_copy(model)
-    beta = cfg.kl_beta
-    gen = torch.Generator().manual_seed(seed)
-    per_epoch = len(train) if ocfg.queries_per_epoch is None else min(ocfg.queries_per_epoch, len(train))
-    rounds = (per_epoch + cfg.batch_size - 1) // cfg.batch_size
-    global_step, first = 0, 1
-    info: dict = {}
-    st = load_state(state_path, fingerprint) if state_path is not None else None
-    if st is not None:
-        restore(st, model, opt, gen)
-        first, global_step = st.epoch + 1, st.global_step
-        beta = float(st.beta) if st.beta is not None else beta
-        info = dict(st.extra)
-        recorder.restore(st.epoch)
-    rows: list[dict] = []
-    if recorder.stopped is not None:
-        return rows, info
-    if "heldout_reward_start" not in info:  # the starting policy, for the "did it rise" comparison
-        h0 = heldout_rewards(model, emb, val, judge, reward_cfg, ocfg, seed)
-        judge.cache.flush()
-        info = {"heldout_reward_start": h0["heldout_reward"], "heldout_correct_start": h0["heldout_correct"],
-                "heldout_greedy_reward_start": h0["heldout_greedy_reward"]}
-    for epoch in range(first, epochs + 1):
+class _OnlinePhase(EpochPhase):
+    """One online GRPO epoch: rounds of rollout, judging and PPO/KL updates; carries beta and the
+    held-out reward of the starting policy (``info``)."""
+
+    def __init__(self, model: PointerSelector, emb: torch.Tensor, train: GroupData, val: GroupData, cfg: GRPOConfig,
+                 judge: OnlineJudge, reward_cfg: RewardConfig, reference: Optional[PointerSelector], seed: int) -> None:
+        self.model, self.emb, self.train, self.val, self.cfg = model, emb, train, val, cfg
+        self.judge, self.reward_cfg, self.seed, self.ocfg = judge, reward_cfg, seed, cfg.online
+        self.use_kl = reference is not None
+        self.ref = reference if reference is not None else frozen_copy(model)
+        self.beta = cfg.kl_beta
+        n = len(train)
+        self.per_epoch = n if self.ocfg.queries_per_epoch is None else min(self.ocfg.queries_per_epoch, n)
+        self.rounds = (self.per_epoch + cfg.batch_size - 1) // cfg.batch_size
+        self.info: dict = {}
+        self._judged = (0, 0)  # (LVLM calls, newly judged) when the epoch's training ended
+
+    def restore_fields(self, state: TrainState) -> None:
+        self.beta = float(state.beta) if state.beta is not None else self.beta
+        self.info = dict(state.extra)
+
+    def resume_fields(self) -> dict:
+        return {"beta": self.beta, "extra": self.info}
+
+    def begin(self, loop: Loop) -> None:
+        if "heldout_reward_start" not in self.info:  # the starting policy, for the "did it rise" comparison
+            h0 = heldout_rewards(self.model, self.emb, self.val, self.judge, self.reward_cfg, self.ocfg, self.seed)
+            self.judge.cache.flush()
+            self.info = {"heldout_reward_start": h0["heldout_reward"], "heldout_correct_start": h0["heldout_correct"],
+                         "heldout_greedy_reward_start": h0["heldout_greedy_reward"]}
+
+    def train_epoch(self, loop: Loop, epoch: int) -> dict:
+        cfg, judge = self.cfg, self.judge
         calls0, new0, cached0, judge_s0 = judge.lvlm_calls(), judge.new, judge.cached, judge.seconds
         opt_s = 0.0
-        order = torch.randperm(len(train), generator=gen)[:per_epoch]
-        acc: dict[str, list[float]] = {k: [] for k in ("loss", "ppo", "k3", "exact", "clip", "ent", "gn")}
+        order = torch.randperm(len(self.train), generator=loop.gen)[:self.per_epoch]
+        acc = grpo_accumulator()
         rewards: list[float] = []
         zero = groups = skipped = sampled = unique = offline = failed = 0
         adv_seen: list[torch.Tensor] = []
-        bar = tqdm(range(rounds), desc=f"{phase} online epoch {epoch}", leave=False, disable=None)
+        bar = loop.progress(self.rounds, f"{loop.phase} online epoch {epoch}")
         for i in bar:
             qsel = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            rnd = rollout(model, emb, train, qsel, ocfg, judge, reward_cfg, gen)
+            rnd = rollout(self.model, self.emb, self.train, qsel, self.ocfg, judge, self.reward_cfg, loop.gen)
             t0 = time.monotonic()
             data = rnd.data
             rewards += rnd.rewards
@@ -303,72 +306,46 @@ def _online_epochs(
             zero += int(sum(bool(zv[rq == g].all()) for g in real_groups))
             adv, active = advantages_for(data, cfg)
             adv_seen.append(adv[rq, rg])
-            old = frozen_copy(model) if cfg.updates_per_round > 1 else None
+            old = frozen_copy(self.model) if cfg.updates_per_round > 1 else None
             local = torch.arange(len(data), device=data.device)
             for u in range(cfg.updates_per_round):
-                bt = grpo_batch(model, ref, None if u == 0 else old, emb, data, local, adv, active, cfg,
-                                beta if use_kl else 0.0)
+                bt = grpo_batch(self.model, self.ref, None if u == 0 else old, self.emb, data, local, adv, active, cfg,
+                                self.beta if self.use_kl else 0.0)
                 if bt.loss is None:  # every group of the round had zero reward variance
                     skipped += 1
-                    global_step += 1
+                    loop.step += 1
                     break
-                lv = check_finite(bt.loss, "loss", phase, epoch, global_step)
-                opt.zero_grad(set_to_none=True)
-                bt.loss.backward()
-                gn = clip_and_check(params, cfg.grad_clip, phase, epoch, global_step)
-                opt.step()
-                act = bt.active
-                k3v, exv = float(bt.k3.detach()[act].mean()), float(bt.exact.detach()[act].mean())
-                cf = float(bt.clipped[act].float().mean())
-                for k, v in (("loss", lv), ("ppo", float(bt.ppo.detach())), ("k3", k3v), ("exact", exv), ("clip", cf),
-                             ("ent", bt.entropy), ("gn", gn)):
-                    acc[k].append(v)
-                recorder.step(phase, global_step, {
-                    "epoch": epoch, "loss": lv, "ppo_loss": float(bt.ppo.detach()), "kl_k3": k3v, "kl_exact": exv,
-                    "clip_frac": cf, "grad_norm": gn, "beta": beta, "reward": mean(rnd.rewards),
-                    "ratio_min": float(bt.ratio.min()), "ratio_max": float(bt.ratio.max())})
-                global_step += 1
+                grpo_step(loop, epoch, bt, acc, self.beta, {"reward": mean(rnd.rewards)})
+                loop.step += 1
             opt_s += time.monotonic() - t0
             bar.set_postfix(reward=f"{mean(rewards) or 0:.3f}")
         judge_s = judge.seconds - judge_s0
         calls1, new1, cached1 = judge.lvlm_calls(), judge.new, judge.cached
-        t0 = time.monotonic()
-        held = heldout_rewards(model, emb, val, judge, reward_cfg, ocfg, seed)
-        judge.cache.flush()  # before the resume state: a resumed run replays these rewards
-        eval_s = time.monotonic() - t0
-        v = evaluate(model, emb, val)
+        self._judged = (calls1, new1)
         a = torch.cat(adv_seen) if adv_seen else torch.zeros(0)
         r = torch.tensor(rewards) if rewards else torch.zeros(0)
-        row = {
-            "train_loss": mean(acc["loss"]), **v, "ppo_loss": mean(acc["ppo"]), "kl_k3": mean(acc["k3"]),
-            "kl_exact": mean(acc["exact"]), "adv_std": float(a.std()) if a.numel() > 1 else 0.0,
-            "adv_max": float(a.abs().max()) if a.numel() else 0.0, "beta": beta if use_kl else 0.0,
+        return {
+            **grpo_means(acc), "adv_std": float(a.std()) if a.numel() > 1 else 0.0,
+            "adv_max": float(a.abs().max()) if a.numel() else 0.0, "beta": self.beta if self.use_kl else 0.0,
             "reward_mean": float(r.mean()) if r.numel() else None,
             "reward_std": float(r.std()) if r.numel() > 1 else None,
-            "zero_std_frac": zero / groups if groups else None, "clip_frac": mean(acc["clip"]),
-            "entropy": mean(acc["ent"]), "grad_norm": mean(acc["gn"]), "skipped_steps": skipped,
-            "rollout": "online", **held,
-            "rollout_reward": float(r.mean()) if r.numel() else None,
+            "zero_std_frac": zero / groups if groups else None, "skipped_steps": skipped,
+            "rollout": "online", "rollout_reward": float(r.mean()) if r.numel() else None,
             "rollout_sequences": sampled, "rollout_unique_frac": unique / sampled if sampled else None,
             "rollout_offline": offline, "judge_failed": failed,
             "judged_new": new1 - new0, "judged_cached": cached1 - cached0, "lvlm_calls": calls1 - calls0,
             "judge_seconds": round(judge_s, 3), "optimize_seconds": round(opt_s, 3),
-            "heldout_judged_new": judge.new - new1, "heldout_lvlm_calls": judge.lvlm_calls() - calls1,
-            "heldout_seconds": round(eval_s, 3),
         }
-        if save is not None:
-            save(model, epoch, row)
-        rows.append(row)
-        if use_kl and cfg.adaptive_beta.enabled and beta > 0:
-            kl_used = row["kl_k3"] if cfg.kl_estimator == "k3" else row["kl_exact"]
-            if kl_used is not None and kl_used > cfg.adaptive_beta.kl_high:
-                beta *= cfg.adaptive_beta.factor
-            elif kl_used is not None and kl_used < cfg.adaptive_beta.kl_low:
-                beta /= cfg.adaptive_beta.factor
-        stop = recorder.epoch(phase, epoch, row)
-        if state_path is not None:
-            save_state(state_path, model=model, opt=opt, gen=gen, epoch=epoch, global_step=global_step,
-                       fingerprint=fingerprint, beta=beta, extra=info)
-        if stop:
-            break
-    return rows, info
+
+    def evaluate(self, loop: Loop, epoch: int) -> dict:
+        judge, (calls1, new1) = self.judge, self._judged
+        t0 = time.monotonic()
+        held = heldout_rewards(self.model, self.emb, self.val, judge, self.reward_cfg, self.ocfg, self.seed)
+        judge.cache.flush()  # before the resume state: a resumed run replays these rewards
+        eval_s = time.monotonic() - t0
+        return {**evaluate(self.model, self.emb, self.val), **held,
+                "heldout_judged_new": judge.new - new1, "heldout_lvlm_calls": judge.lvlm_calls() - calls1,
+                "heldout_seconds": round(eval_s, 3)}
+
+    def end_epoch(self, row: dict) -> None:
+        self.beta = adapt_beta(self.beta, row, self.cfg, self.use_kl)
