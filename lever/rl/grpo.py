@@ -37,12 +37,12 @@ from tqdm import tqdm
 from lever.config.schema import GRPOConfig
 from lever.rl.advantage import group_advantages, zero_variance_groups
 from lever.rl.groups import GroupData, batch_step_logprobs, scatter_rows
-from lever.rl.losses import kl_k3, ppo_terms
+from lever.rl.losses import entropy, exact_kl, kl_k3_clamped, ppo_terms
 from lever.rl.rce import reward_stats
 from lever.rl.resume import load_state, restore, save_state
 from lever.rl.trainer import EpochRecorder, check_finite, clip_and_check, mean, small_model_threads
 from lever.rl.validation import evaluate
-from lever.selectors.pointer import SCORING_PREFIXES, PointerSelector, entropy, exact_kl, gather_sequence
+from lever.selectors.pointer import SCORING_PREFIXES, PointerSelector, gather_sequence
 
 SaveFn = Callable[[PointerSelector, int, dict], None]
 
@@ -117,9 +117,7 @@ def grpo_batch(
         ref_step = batch_step_logprobs(ref, emb, data, qsel)[0]
         ref_logp = gather_sequence(ref_step, seqs)
     ppo_i, ratio, clipped = ppo_terms(logp, old_logp, A, eps=cfg.clip_eps, log_ratio_clamp=cfg.log_ratio_clamp)
-    # k3 on the same clamped log-ratio as the PPO ratio: on off-policy group candidates the policy
-    # may sit tens of nats below the reference and exp() would overflow to inf
-    k3_i = kl_k3(logp, logp + (ref_logp - logp).clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp))
+    k3_i = kl_k3_clamped(logp, ref_logp, log_ratio_clamp=cfg.log_ratio_clamp)
     ex_i = exact_kl(step_lp, ref_step)
     ent = float(entropy(step_lp.detach()).mean())
     if not bool(act.any()):

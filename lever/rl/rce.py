@@ -17,11 +17,11 @@ from tqdm import tqdm
 from lever.config.schema import RCEConfig
 from lever.rl.advantage import group_advantages, zero_variance_groups
 from lever.rl.groups import GroupData, batch_step_logprobs, scatter_rows
-from lever.rl.losses import rce_loss
+from lever.rl.losses import entropy, rce_loss
 from lever.rl.resume import load_state, restore, save_state
 from lever.rl.trainer import EpochRecorder, check_finite, clip_and_check, mean, small_model_threads
 from lever.rl.validation import evaluate
-from lever.selectors.pointer import PointerSelector, entropy, gather_sequence
+from lever.selectors.pointer import PointerSelector, gather_sequence
 
 SaveFn = Callable[[PointerSelector, int, dict], None]
 
