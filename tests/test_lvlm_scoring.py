@@ -9,14 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lever.models.lvlm import (
-    Example,
-    answer_prob,
-    gt_prob,
-    gt_prob_batch,
-    postprocess_generation,
-    rel_score,
-)
+from lever.models.answer_scores import answer_prob, gt_prob, gt_prob_batch, rel_score
+from lever.models.lvlm import Example, postprocess_generation
 from lever.models.prompting import most_common_answer
 
 from lever_tiny_env import tiny_lvlm

@@ -9,7 +9,7 @@ import pytest
 
 from lever.data.dataset import load_index
 from lever.metrics import vqa_accuracy
-from lever.models.lvlm import weighted_gt_prob
+from lever.models.answer_scores import weighted_gt_prob
 from lever.models.prompting import icd_example, most_common_answer, query_example
 from lever.rl.data import read_rl_data
 from lever.sampling.stages import BEAMS_FILE, RL_DATA_FILE, run_generate_beams, run_generate_rl_data

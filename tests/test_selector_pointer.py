@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from lever.config.schema import SelectorConfig
+from lever.rl.losses import entropy, exact_kl
 from lever.selectors.pointer import (
     beam_search,
     build_selector,
-    entropy,
-    exact_kl,
     greedy,
     sample,
     sequence_logprob,

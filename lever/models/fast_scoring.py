@@ -28,11 +28,11 @@ implementation, chosen in ``build_lvlm``).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, Sequence
 
 import torch
 
+from lever.models.answer_scores import geometric_mean_prob
 from lever.models.lvlm import Encoded, QwenVLM
 from lever.models.prompting import LRU, Example
 from lever.models.vision_batch import BatchedVision
@@ -176,7 +176,7 @@ class FastScorer:
         self._features.clear()
 
     def __call__(self, prompts: list[list[Example]], answers: list[str]) -> list[float]:
-        return [math.exp(x) for x in self.answer_logprob(prompts, answers)]
+        return [geometric_mean_prob(x) for x in self.answer_logprob(prompts, answers)]
 
     @torch.inference_mode()
     def answer_logprob(self, prompts: list[list[Example]], answers: list[str]) -> list[float]:

@@ -17,21 +17,19 @@ answer text, as in the reference.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from lever.models.answer_scores import gt_prob, mean_token_logprob
 from lever.models.image_cache import ImageCache
 from lever.models.prompting import (
     LRU,
     Example,
-    answer_weights,
     image_key,
     load_image,
     most_common_answer,
@@ -47,12 +45,7 @@ __all__ = [
     "QwenVLM",
     "build_lvlm",
     "postprocess_generation",
-    "gt_prob",
-    "gt_prob_batch",
-    "rel_score",
-    "answer_prob",
     "most_common_answer",
-    "weighted_gt_prob",
 ]
 
 log = logging.getLogger(__name__)
@@ -430,7 +423,7 @@ class QwenVLM:
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
         encoded = [self.encode(p, a) for p, a in zip(prompts, answers)]
-        return [float(t.mean()) for t in self.token_logprobs(encoded)]
+        return [mean_token_logprob(t) for t in self.token_logprobs(encoded)]
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[Example]], max_new_tokens: Optional[int] = None) -> list[str]:
@@ -472,78 +465,6 @@ class QwenVLM:
 
     def gt_prob(self, prompt: list[Example], gt_answers_raw: Sequence[str]) -> float:
         return gt_prob(self, prompt, gt_answers_raw)
-
-
-# ----------------------------------------------------------------------------- scores
-
-
-def answer_prob(lvlm: LVLM, prompts: list[list[Example]], answers: list[str]) -> list[float]:
-    """Geometric-mean probability of each answer's tokens: exp(mean log-prob)."""
-    return [math.exp(lp) for lp in lvlm.answer_logprob(prompts, answers)]
-
-
-def gt_prob_batch(
-    lvlm: LVLM,
-    prompts: list[list[Example]],
-    gt_answers_raw: list[Sequence[str]],
-    scorer: Optional[Callable[[list[list[Example]], list[str]], list[float]]] = None,
-) -> list[dict[str, float]]:
-    """Per prompt, the probability of each distinct normalized gt answer, in one batched call.
-
-    Returned dicts map normalized answer -> geometric-mean probability; combine with
-    :func:`weighted_gt_prob`.  ``scorer`` (prompts, answers) -> probabilities replaces the plain
-    path (the fast scorer gives the same numbers).  Answers are grouped by VQA normalization ("Two", "2." and "two"
-    are one answer, scored as "2") because that is the form correctness is judged in.
-    """
-    flat_p: list[list[Example]] = []
-    flat_a: list[str] = []
-    for p, gts in zip(prompts, gt_answers_raw):
-        for a, _ in answer_weights(gts):
-            flat_p.append(p)
-            flat_a.append(a)
-    score = scorer or (lambda ps, ans: answer_prob(lvlm, ps, ans))
-    probs = score(flat_p, flat_a) if flat_p else []
-    out: list[dict[str, float]] = []
-    k = 0
-    for gts in gt_answers_raw:
-        d: dict[str, float] = {}
-        for a, _ in answer_weights(gts):
-            d[a] = probs[k]
-            k += 1
-        out.append(d)
-    return out
-
-
-def weighted_gt_prob(per_answer: dict[str, float], gt_answers_raw: Sequence[str]) -> float:
-    """sum over distinct answers of P(answer) * count/total."""
-    return float(sum(per_answer[a] * w for a, w in answer_weights(gt_answers_raw)))
-
-
-def gt_prob(lvlm: LVLM, prompt: list[Example], gt_answers_raw: Sequence[str]) -> float:
-    """Probability of the ground truth under the LVLM, weighted by annotator counts."""
-    per = gt_prob_batch(lvlm, [prompt], [gt_answers_raw])[0]
-    return weighted_gt_prob(per, gt_answers_raw)
-
-
-def _f1(pred: list[str], gt: list[str]) -> float:
-    if not pred or not gt:
-        return 1.0 if pred == gt else 0.0
-    common = sum((Counter(pred) & Counter(gt)).values())
-    if common == 0:
-        return 0.0
-    p, r = common / len(pred), common / len(gt)
-    return 2 * p * r / (p + r)
-
-
-def rel_score(prediction: str, gt_answers_raw: Sequence[str]) -> float:
-    """Token-F1 of the prediction against the best-matching gt answer (VQA-normalized tokens)."""
-    from lever.metrics import normalize_answer
-
-    pred = normalize_answer(prediction).split()
-    gts = {normalize_answer(a) for a in gt_answers_raw}
-    if not gts:
-        return 0.0
-    return max(_f1(pred, g.split()) for g in sorted(gts))
 
 
 # ----------------------------------------------------------------------------- building

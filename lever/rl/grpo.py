@@ -36,13 +36,13 @@ import torch
 from lever.config.schema import GRPOConfig
 from lever.rl.advantage import group_advantages, zero_variance_groups
 from lever.rl.groups import GroupData, batch_step_logprobs, scatter_rows
-from lever.rl.losses import kl_k3, ppo_terms
+from lever.rl.losses import entropy, exact_kl, kl_k3_clamped, ppo_terms
 from lever.rl.rce import reward_stats
 from lever.rl.loop import EpochPhase, Loop, SaveFn, forked_seed, run_epochs
 from lever.rl.resume import TrainState
 from lever.rl.trainer import EpochRecorder, mean, small_model_threads
 from lever.rl.validation import evaluate
-from lever.selectors.pointer import SCORING_PREFIXES, PointerSelector, entropy, exact_kl, gather_sequence
+from lever.selectors.pointer import SCORING_PREFIXES, PointerSelector, gather_sequence
 
 
 def frozen_copy(model: PointerSelector) -> PointerSelector:
@@ -115,9 +115,7 @@ def grpo_batch(
         ref_step = batch_step_logprobs(ref, emb, data, qsel)[0]
         ref_logp = gather_sequence(ref_step, seqs)
     ppo_i, ratio, clipped = ppo_terms(logp, old_logp, A, eps=cfg.clip_eps, log_ratio_clamp=cfg.log_ratio_clamp)
-    # k3 on the same clamped log-ratio as the PPO ratio: on off-policy group candidates the policy
-    # may sit tens of nats below the reference and exp() would overflow to inf
-    k3_i = kl_k3(logp, logp + (ref_logp - logp).clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp))
+    k3_i = kl_k3_clamped(logp, ref_logp, log_ratio_clamp=cfg.log_ratio_clamp)
     ex_i = exact_kl(step_lp, ref_step)
     ent = float(entropy(step_lp.detach()).mean())
     if not bool(act.any()):

@@ -1,16 +1,22 @@
-"""Loss pieces shared by RCE and GRPO (SPEC sections 4 and 8).
+"""Every loss, KL and entropy term of RCE and GRPO (SPEC sections 4 and 8), in one tested place.
 
-Public: :func:`kl_k3`, :func:`ppo_clip_loss`.  The rest are the masked/padded forms the trainers
-use, kept here so that the formulas live in one tested place.
+Public (SPEC section 8): :func:`kl_k3`, :func:`ppo_clip_loss`.  The rest are the forms the trainers
+use: the clamped k3 and the PPO terms of GRPO, the exact KL and entropy over the pointer's candidate
+distributions (``[B, S, K]`` step log-probs from :func:`lever.selectors.pointer.step_logprobs`), and
+the RCE loss over padded groups.  There is one PPO formula, :func:`ppo_elementwise`: the public
+scalar loss is its mean, GRPO's :func:`ppo_terms` adds the log-ratio clamp and the clip statistics.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from lever.selectors.pointer import entropy, exact_kl  # re-exported: exact KL over candidate distributions
-
-__all__ = ["kl_k3", "ppo_clip_loss", "ppo_terms", "rce_loss", "exact_kl", "entropy"]
+__all__ = [
+    "kl_k3", "kl_k3_clamped", "exact_kl", "entropy",
+    "ppo_elementwise", "ppo_clip_loss", "ppo_terms", "rce_loss",
+]
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -19,10 +25,58 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1.0
 
 
+def kl_k3_clamped(logp: torch.Tensor, ref_logp: torch.Tensor, *, log_ratio_clamp: float) -> torch.Tensor:
+    """k3 with the log-ratio ``ref - logp`` clamped to +-``log_ratio_clamp``, like GRPO's PPO ratio.
+
+    Why: on off-policy group candidates the policy may sit tens of nats below the reference and
+    exp() would overflow to inf.  Written as k3 against the shifted reference ``logp + clamp(d)``
+    (not ``exp(c) - c - 1`` directly) so the training numbers stay bit-identical to before the move.
+    """
+    return kl_k3(logp, logp + (ref_logp - logp).clamp(-log_ratio_clamp, log_ratio_clamp))
+
+
+def exact_kl(step_lp: torch.Tensor, ref_step_lp: torch.Tensor) -> torch.Tensor:
+    """KL(policy || reference) per row [B], summed over steps of the full candidate distributions.
+
+    Both are evaluated along the same (teacher-forced) prefix, so each step's support is identical;
+    ``-inf`` entries (probability 0 under both) contribute 0.
+    """
+    p = step_lp.exp()
+    diff = torch.where(torch.isfinite(step_lp), step_lp - ref_step_lp, torch.zeros_like(step_lp))
+    return (p * diff).sum(-1).sum(-1)
+
+
+def entropy(step_lp: torch.Tensor) -> torch.Tensor:
+    """Per-row entropy [B] of the candidate distributions, summed over steps (``-inf`` entries add 0)."""
+    p = step_lp.exp()
+    plogp = torch.where(torch.isfinite(step_lp), p * step_lp, torch.zeros_like(step_lp))
+    return -plogp.sum(-1).sum(-1)
+
+
+def ppo_elementwise(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    eps: float = 0.2,
+    log_ratio_clamp: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one PPO-clip formula: per-element ``-min(ratio*A, clip(ratio, 1-eps, 1+eps)*A)`` and ratio.
+
+    ``ratio = exp(logp - old_logp)``; with ``log_ratio_clamp`` the log-ratio is first clamped to
+    +-that value (GRPO's guard); ``None`` keeps the plain SPEC section 8 formula.
+    """
+    log_ratio = logp - old_logp
+    if log_ratio_clamp is not None:
+        log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
+    ratio = torch.exp(log_ratio)
+    clipped_ratio = ratio.clamp(1.0 - eps, 1.0 + eps)
+    return -torch.minimum(ratio * advantages, clipped_ratio * advantages), ratio
+
+
 def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, *, eps: float = 0.2) -> torch.Tensor:
     """Scalar mean of -min(ratio*A, clip(ratio, 1-eps, 1+eps)*A), ratio = exp(logp - old_logp)."""
-    ratio = torch.exp(logp - old_logp)
-    return -torch.minimum(ratio * advantages, ratio.clamp(1.0 - eps, 1.0 + eps) * advantages).mean()
+    return ppo_elementwise(logp, old_logp, advantages, eps=eps)[0].mean()
 
 
 def ppo_terms(
@@ -35,10 +89,7 @@ def ppo_terms(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-element PPO loss, ratio and clipped flag; the log-ratio is clamped so one stale
     sequence cannot overflow exp() (the seeds' KL blow-ups started as ratio overflows)."""
-    log_ratio = (logp - old_logp).clamp(-log_ratio_clamp, log_ratio_clamp)
-    ratio = torch.exp(log_ratio)
-    clipped_ratio = ratio.clamp(1.0 - eps, 1.0 + eps)
-    loss = -torch.minimum(ratio * advantages, clipped_ratio * advantages)
+    loss, ratio = ppo_elementwise(logp, old_logp, advantages, eps=eps, log_ratio_clamp=log_ratio_clamp)
     clipped = (ratio < 1.0 - eps) | (ratio > 1.0 + eps)
     return loss, ratio, clipped
 

@@ -76,7 +76,7 @@ class OnlineJudge:
     def _p0(self, qid: int, rec: Any, y: str) -> float:
         p0 = self.cache.p0(qid)
         if p0 is None:
-            from lever.models.lvlm import answer_prob
+            from lever.models.answer_scores import answer_prob
 
             score = self.scorer or (lambda ps, ans: answer_prob(self.lvlm, ps, ans))
             p0 = float(score([[query_example(rec)]], [y])[0])

@@ -16,11 +16,11 @@ import torch
 from lever.config.schema import RCEConfig
 from lever.rl.advantage import group_advantages, zero_variance_groups
 from lever.rl.groups import GroupData, batch_step_logprobs, scatter_rows
-from lever.rl.losses import rce_loss
+from lever.rl.losses import entropy, rce_loss
 from lever.rl.loop import EpochPhase, Loop, SaveFn, forked_seed, run_epochs
 from lever.rl.trainer import EpochRecorder, mean, small_model_threads
 from lever.rl.validation import evaluate
-from lever.selectors.pointer import PointerSelector, entropy, gather_sequence
+from lever.selectors.pointer import PointerSelector, gather_sequence
 
 
 def tau_at(step: int, total: int, tau_start: float, tau_end: float) -> float:

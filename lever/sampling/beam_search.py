@@ -1,7 +1,8 @@
 """InfoScore beam search over a query's candidate pool (SPEC section 2).
 
 InfoScore of adding ICD c to sequence S for query (x, y) is P(y | S+c, x) - P(y | S, x), with P the
-geometric-mean probability of y's tokens (``exp`` of ``answer_logprob``).  A beam's score is the
+geometric-mean probability of y's tokens (``exp`` of ``answer_logprob``); both formulas live in
+:mod:`lever.models.answer_scores`.  A beam's score is the
 sum of its steps' gains, which telescopes to P(y | S, x) - P(y | x).
 
 Prompt order: see :mod:`lever.models.prompting` -- the ICD chosen at step t is appended after the
@@ -16,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from lever.models.lvlm import LVLM, Example, answer_prob
+from lever.models.answer_scores import answer_prob, infoscore_gain
+from lever.models.lvlm import LVLM, Example
 
 # Batched scorer: (prompts, answers) -> geometric-mean probabilities.  Defaults to the LVLM's
 # plain path; the fast path (``lever.models.fast_scoring``) plugs in here with equal numbers.
@@ -63,12 +65,12 @@ def infoscore_beam_search(
     # the zero-shot P(y | x) rides along with the first step's scorings (one call, one batch)
     first = [[pool[c], query] for c in range(len(pool))]
     p0, *probs = scorer([[query]] + first, [answer] * (len(first) + 1))
-    beams = _top([Beam((c,), p - p0, p) for c, p in enumerate(probs)], beam_size)
+    beams = _top([Beam((c,), infoscore_gain(p, p0), p) for c, p in enumerate(probs)], beam_size)
     for _ in range(shots - 1):
         ext: list[tuple[Beam, int]] = [(b, c) for b in beams for c in range(len(pool)) if c not in b.positions]
         prompts = [[pool[p] for p in b.positions] + [pool[c], query] for b, c in ext]
         probs = scorer(prompts, [answer] * len(prompts))
-        beams = _top([Beam(b.positions + (c,), b.score + (p - b.prob), p) for (b, c), p in zip(ext, probs)], beam_size)
+        beams = _top([Beam(b.positions + (c,), b.score + infoscore_gain(p, b.prob), p) for (b, c), p in zip(ext, probs)], beam_size)
     return beams, p0
 
 

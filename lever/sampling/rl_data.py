@@ -15,7 +15,6 @@ a correct and an incorrect candidate (at most ``max_extra_per_query``).
 from __future__ import annotations
 
 import itertools
-import math
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -24,7 +23,15 @@ import numpy as np
 import torch
 
 from lever.config.schema import RLDataConfig
-from lever.models.lvlm import LVLM, Example, answer_prob, gt_prob_batch, postprocess_generation, rel_score, weighted_gt_prob
+from lever.models.answer_scores import (
+    answer_prob,
+    geometric_mean_prob,
+    gt_prob_batch,
+    infoscore_gain,
+    rel_score,
+    weighted_gt_prob,
+)
+from lever.models.lvlm import LVLM, Example, postprocess_generation
 from lever.models.prompting import answer_weights, most_common_answer
 
 log = logging.getLogger(__name__)
@@ -156,7 +163,7 @@ def _verdict(raw: str, per_answer: dict[str, float], gt_raw: Sequence[str], y: s
         "acc_score": acc,
         "gt_prob": weighted_gt_prob(per_answer, gt_raw),
         "rel_score": float(rel_score(pred, gt_raw)),
-        "info_score": float(per_answer[y] - p0),
+        "info_score": float(infoscore_gain(per_answer[y], p0)),
         "eval_failed": False,
     }
 
@@ -184,7 +191,7 @@ def judge(
         else:  # the fast path reads each prompt once for the verdict and gt_prob
             names = [a for a, _ in answer_weights(gt_raw)]
             raws, lps = both(ps, [names] * len(ps), max_new_tokens)
-            pers = [{a: math.exp(x) for a, x in zip(names, lp)} for lp in lps]
+            pers = [{a: geometric_mean_prob(x) for a, x in zip(names, lp)} for lp in lps]
         return [_verdict(r, per, gt_raw, y, p0) for r, per in zip(raws, pers)]
 
     if not prompts:

@@ -161,7 +161,8 @@ def step_logprobs(
     """Teacher-forced per-step log-distributions [B,S,K] over the still-allowed candidates.
 
     Entries for disallowed candidates are ``-inf`` (their probability is exactly 0), so exact KL
-    and entropy over the pointer's candidate distribution can be computed from this tensor.
+    and entropy over the pointer's candidate distribution (:mod:`lever.rl.losses`) can be computed
+    from this tensor.
     """
     allowed = _full_mask(cand_emb, cand_mask).clone()
     seqs = seqs.long()
@@ -196,24 +197,6 @@ def sequence_logprob(
 ) -> torch.Tensor:
     """log p(seq | query, pool) [B] = sum over steps of log-softmax over still-allowed candidates."""
     return gather_sequence(step_logprobs(model, query_emb, cand_emb, seqs, cand_mask), seqs)
-
-
-def exact_kl(step_lp: torch.Tensor, ref_step_lp: torch.Tensor) -> torch.Tensor:
-    """KL(policy || reference) per row [B], summed over steps of the full candidate distributions.
-
-    Both are evaluated along the same (teacher-forced) prefix, so each step's support is identical;
-    ``-inf`` entries (probability 0 under both) contribute 0.
-    """
-    p = step_lp.exp()
-    diff = torch.where(torch.isfinite(step_lp), step_lp - ref_step_lp, torch.zeros_like(step_lp))
-    return (p * diff).sum(-1).sum(-1)
-
-
-def entropy(step_lp: torch.Tensor) -> torch.Tensor:
-    """Per-row entropy [B] summed over steps."""
-    p = step_lp.exp()
-    plogp = torch.where(torch.isfinite(step_lp), p * step_lp, torch.zeros_like(step_lp))
-    return -plogp.sum(-1).sum(-1)
 
 
 # -- decoding ------------------------------------------------------------------------------------
