@@ -11,7 +11,7 @@ import pytest
 import lever.models.lvlm as lvlm_mod
 import lever.selectors.checkpoint as ckpt_mod
 from lever.config import load_plan
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 from lever.pipeline.graph import BY_NAME, epoch_of_variant, evaluated_epochs, infer_variants
 from lever.pipeline.hashing import plan_keys
 from lever.pipeline.runner import Pipeline

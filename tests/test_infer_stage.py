@@ -88,7 +88,7 @@ def test_resume_after_kill_and_failed_rows(base, monkeypatch):
 
 
 def test_mostly_failing_lvlm_refuses_to_commit(base, monkeypatch):
-    from lever.pipeline.context import StageError
+    from lever.errors import StageError
 
     store, plan = base
     pipe = Pipeline(plan, store)
@@ -103,7 +103,7 @@ def test_mostly_failing_lvlm_refuses_to_commit(base, monkeypatch):
 
 
 def test_too_many_shots_for_the_pool(base, monkeypatch):
-    from lever.pipeline.context import StageError
+    from lever.errors import StageError
 
     store, _ = base
     plan = load_plan("baseline", "tiny", ["infer.num_samples=10", "infer.shards=1", "infer.shots=[2]",

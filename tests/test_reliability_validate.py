@@ -11,7 +11,7 @@ import pytest
 
 from lever.cli import main
 from lever.config import load_plan
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 from lever.pipeline.runner import Pipeline
 from lever.pipeline.store import LocalStore
 from lever.rl.synthetic import synthetic_embeddings, write_embeddings_dir

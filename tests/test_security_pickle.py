@@ -18,7 +18,7 @@ import torch
 
 from lever.cli import main
 from lever.config import load_plan
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 from lever.pipeline.runner import Pipeline
 from lever.pipeline.store import LocalStore
 from lever.rl.synthetic import synthetic_embeddings, write_embeddings_dir

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lever.config import list_plans, load_plan
-from lever.pipeline.context import StageContext, StageError, UpstreamOutput
+from lever.errors import StageError
+from lever.pipeline.context import StageContext, UpstreamOutput
 from lever.pipeline.graph import Unit
 from lever.pipeline.graph import stage as graph_stage
 from lever.rl.synthetic import write_training_inputs

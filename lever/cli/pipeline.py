@@ -28,7 +28,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _open(store: Optional[str]):
-    from lever.pipeline.context import StageError
+    from lever.errors import StageError
     from lever.pipeline.store import open_store
 
     try:
@@ -64,7 +64,7 @@ def _all_overrides(set_: list[str], overrides: str, role: str) -> list[str]:
 
 
 def _parse_units(specs: list[str]) -> dict[str, str]:
-    from lever.pipeline.context import StageError
+    from lever.errors import StageError
 
     out = {}
     for spec in specs:
@@ -129,7 +129,7 @@ def stage_cmd(
         try:
             st = get_stage(name)
         except KeyError as exc:
-            from lever.pipeline.context import StageError
+            from lever.errors import StageError
 
             raise StageError(str(exc.args[0])) from None
         typer.echo(json.dumps([UNIT_ID_SEP.join(u.id for u in g) for g in pod_groups(st, cfg)]))
@@ -244,7 +244,7 @@ def report_cmd(
     _setup_logging(verbose)
     if fetch is not None:
         from lever.cli.runs import fetch_report
-        from lever.pipeline.context import StageError
+        from lever.errors import StageError
 
         if set_ or profile or run_id:
             raise StageError("--fetch takes the run's own plan, profile and overrides; drop --set/--profile/--run-id")

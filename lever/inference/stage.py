@@ -18,7 +18,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from lever.pipeline.context import StageContext, StageError
+from lever.errors import StageError
+from lever.pipeline.context import StageContext
 from lever.pipeline.graph import epoch_of_variant
 from lever.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 

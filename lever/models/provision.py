@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from lever.io import atomic_write_json
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 
 log = logging.getLogger(__name__)
 

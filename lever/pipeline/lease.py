@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 
 log = logging.getLogger("lever.lease")
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from lever.config.schema import PlanConfig
-from lever.pipeline.context import StageContext, StageError, UpstreamOutput, _NullTelemetry
+from lever.errors import StageError
+from lever.pipeline.context import StageContext, UpstreamOutput, _NullTelemetry
 from lever.pipeline.graph import STAGES, Stage, Unit
 from lever.pipeline.hashing import PlanKeys, artifact_key, full_config_hash, plan_keys
 from lever.pipeline.lease import (

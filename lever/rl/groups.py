@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 from lever.rl.rewards import plan_reward
 from lever.selectors.pointer import PointerSelector, step_logprobs
 

@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 from lever.models.prompting import icd_example, most_common_answer, query_example
-from lever.pipeline.context import StageContext, StageError
+from lever.errors import StageError
+from lever.pipeline.context import StageContext
 from lever.sampling.beam_search import beam_record, infoscore_beam_search, plain_scorer
 from lever.sampling.rl_data import QueryInputs, query_record
 from lever.sampling.shards import ResumableJsonl, shard_range

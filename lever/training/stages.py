@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from lever.io import atomic_write_bytes
-from lever.pipeline.context import StageContext, StageError
+from lever.errors import StageError
+from lever.pipeline.context import StageContext
 from lever.rl.curriculum import bucket_counts, phase1_indices, positive_indices, quality_buckets
 from lever.rl.data import read_rl_data, rl_data_stats
 from lever.rl.groups import GroupData, build_groups

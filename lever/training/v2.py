@@ -16,7 +16,7 @@ from typing import Any, Iterable, Optional
 import torch
 from tqdm import tqdm
 
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 from lever.rl.groups import GroupData, batch_step_logprobs
 from lever.rl.resume import load_state, restore, save_state
 from lever.rl.trainer import EpochRecorder, check_finite, clip_and_check, mean, small_model_threads
