@@ -52,7 +52,7 @@ def _lever(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedPro
 
 def _lvlm(directory: Path, dtype: str = "float32"):
     from lever.config.schema import LVLMConfig
-    from lever.models.lvlm import build_lvlm
+    from lever.models.factory import build_lvlm
 
     cfg = LVLMConfig(kind="qwen2_5_vl", name=str(directory), revision=None, dtype=dtype, device="cpu",
                      min_pixels=3136, max_pixels=12544, max_new_tokens=5)

@@ -158,7 +158,7 @@ def test_bf16_path_runs_and_agrees_within_bf16_noise():
     """The GPU configuration's dtype (bf16) through the same code: catches dtype mismatches in
     image splicing, the prefix cache and the answer-only LM head (no GPU needed)."""
     from lever.data.dataset import load_index
-    from lever.models.lvlm import build_lvlm
+    from lever.models.factory import build_lvlm
 
     from lever_tiny_env import tiny_plan
 

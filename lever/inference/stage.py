@@ -138,7 +138,8 @@ def infer(ctx: StageContext) -> None:
                                            choose_selector, pools_for)
     from lever.metrics import vqa_accuracy
     from lever.models.embeddings import load_embeddings
-    from lever.models.lvlm import plan_lvlm, postprocess_generation
+    from lever.models.factory import plan_lvlm
+    from lever.models.lvlm import postprocess_generation
     from lever.models.prompting import icd_example, query_example
 
     cfg = ctx.plan.infer

@@ -301,7 +301,7 @@ def online_epoch_cost(plan: Any, L: Lengths = REFERENCE_LENGTHS, A: PodAssumptio
 
 def main(n_records: int = 96, seed: int = 0, lvlm_cfg: Optional[Any] = None) -> str:
     from lever.config import load_plan
-    from lever.models.lvlm import build_lvlm
+    from lever.models.factory import build_lvlm
     from lever.models.scoring_bench import _synthetic_records
 
     lvlm = build_lvlm(lvlm_cfg or load_plan("baseline", profile="tiny").lvlm)

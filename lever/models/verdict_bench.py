@@ -65,7 +65,7 @@ def run_verdict_bench(
 ) -> dict[str, float]:
     """Seconds per path over all queries (best per query, summed); prints the table, the
     agreement line and ``speedup:``."""
-    from lever.models.lvlm import build_lvlm
+    from lever.models.factory import build_lvlm
     from lever.models.scoring_bench import _clock, _synthetic_records
 
     n_new = max_new_tokens or lvlm_cfg.max_new_tokens

@@ -78,7 +78,7 @@ def _progress(ctx: StageContext, queries: range, done: int, desc: str):
 
 
 def run_generate_beams(ctx: StageContext, lvlm: Any = None, hook: Optional[QueryHook] = None) -> Path:
-    from lever.models.lvlm import plan_lvlm
+    from lever.models.factory import plan_lvlm
     from lever.sampling.samplers import build_pool_from_config
 
     plan = ctx.plan
@@ -146,7 +146,7 @@ def _load_selector(ctx: StageContext) -> Any:
 
 
 def run_generate_rl_data(ctx: StageContext, lvlm: Any = None, hook: Optional[QueryHook] = None) -> Path:
-    from lever.models.lvlm import plan_lvlm
+    from lever.models.factory import plan_lvlm
     from lever.sampling.samplers import build_pool_from_config
 
     plan = ctx.plan

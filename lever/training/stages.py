@@ -294,7 +294,7 @@ def online_judge(ctx: StageContext) -> Any:
 
     from lever.config.loader import config_hash
     from lever.data.dataset import load_stage_index
-    from lever.models.lvlm import plan_lvlm
+    from lever.models.factory import plan_lvlm
     from lever.rl.judge_cache import DirBackend, JudgeCache, namespace
     from lever.rl.online import OnlineJudge
     from lever.sampling.stages import make_scorer
