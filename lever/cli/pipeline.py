@@ -29,7 +29,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def _open(store: Optional[str]):
     from lever.errors import StageError
-    from lever.pipeline.store import open_store
+    from lever.pipeline.backends import open_store
 
     try:
         return open_store(store)
@@ -214,13 +214,8 @@ def _run(plan, profile, store, set_, jobs, run_id, force, fresh, no_baseline, dr
     console.print(f"done in {summary.seconds:.1f}s: {n_cached}/{len(summary.results)} units cached, run {summary.run_id}")
     if summary.report:
         typer.echo(summary.report)
-        if summary.report.startswith("s3://"):
-            from lever.pipeline.s3 import S3Store
-
-            if isinstance(st, S3Store):
-                key = summary.report[len(f"s3://{st.bucket}/"):]
-                key = key[len(st.prefix) + 1:] if st.prefix else key
-                console.print(f"local copy: {st.local_path(key.rsplit('/', 1)[0], 'report.md')}")
+        if st.is_remote and summary.report_key:
+            console.print(f"local copy: {st.local_path(summary.report_key, 'report.md')}")
 
 
 @app.command("report")

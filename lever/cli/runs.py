@@ -80,7 +80,7 @@ def report_location(params: dict[str, str], run_id: str, *, partial: bool, store
     from lever.config import load_plan
     from lever.config.loader import parse_overrides
     from lever.pipeline.runner import Pipeline, load_baseline
-    from lever.pipeline.store import open_store
+    from lever.pipeline.backends import open_store
 
     url = store or params.get("store")
     if not url:

@@ -20,7 +20,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Optional
 
 from lever.pipeline.lease import LeaseBackend, LeaseError, LeaseRecord, LeaseSettings
-from lever.pipeline.s3 import _is_not_found, conflict, make_client, unsupported
+from lever.pipeline.s3_client import conflict, is_not_found, make_client, unsupported
 
 if TYPE_CHECKING:
     from lever.pipeline.s3 import S3Store
@@ -64,7 +64,7 @@ class S3Leases(LeaseBackend):
         except Exception as exc:
             if conflict(exc):
                 return _CONFLICT, None
-            if _is_not_found(exc):
+            if is_not_found(exc):
                 return _MISSING, None
             raise unsupported(exc, "If-None-Match" if create else "If-Match") or exc
         return _WRITTEN, resp.get("ETag")
@@ -98,7 +98,7 @@ class S3Leases(LeaseBackend):
             try:
                 resp = self.store.client.get_object(Bucket=self.store.bucket, Key=name)
             except Exception as exc:
-                if _is_not_found(exc):
+                if is_not_found(exc):
                     return None
                 raise
             raw = resp["Body"].read()
@@ -159,7 +159,7 @@ class S3Leases(LeaseBackend):
             except Exception as exc:
                 if conflict(exc):
                     return _CONFLICT
-                if _is_not_found(exc):
+                if is_not_found(exc):
                     return _MISSING
                 raise
             return _WRITTEN
@@ -191,7 +191,7 @@ class S3Leases(LeaseBackend):
             try:
                 self.store.client.delete_object(Bucket=self.store.bucket, Key=name, IfMatch=rec.version)
             except Exception as exc:
-                if conflict(exc) or _is_not_found(exc):
+                if conflict(exc) or is_not_found(exc):
                     return False
                 raise
             return True
