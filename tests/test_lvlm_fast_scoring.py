@@ -95,7 +95,7 @@ def test_rope_positions_match_the_models_own(setup):
 def test_bench_scoring_prints_agreement_and_speedup():
     from lever_tiny_env import tiny_plan
 
-    from lever.models.scoring_bench import run_scoring_bench
+    from lever.bench.scoring import run_scoring_bench
 
     lines: list[str] = []
     res = run_scoring_bench(tiny_plan().lvlm, ref=(8, 2, 2), ks=(8,), shots=(1, 2), n_queries=1, repeats=1,

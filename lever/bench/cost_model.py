@@ -19,7 +19,7 @@ Counting rules, per query (prompt = header, ICDs, query, tail, answer; see ``lev
 * RL data on the fast path scores the gt answers on the generation's own key/value cache, so a
   candidate's prompt goes through the model once (``FastScorer.generate_and_score``).
 
-Run ``python -m lever.models.cost_model`` for the table of docs/performance.md.
+Run ``python -m lever.bench.cost_model`` for the table of docs/performance.md.
 """
 
 from __future__ import annotations
@@ -302,7 +302,7 @@ def online_epoch_cost(plan: Any, L: Lengths = REFERENCE_LENGTHS, A: PodAssumptio
 def main(n_records: int = 96, seed: int = 0, lvlm_cfg: Optional[Any] = None) -> str:
     from lever.config import load_plan
     from lever.models.factory import build_lvlm
-    from lever.models.scoring_bench import _synthetic_records
+    from lever.bench.scoring import _synthetic_records
 
     lvlm = build_lvlm(lvlm_cfg or load_plan("baseline", profile="tiny").lvlm)
     with tempfile.TemporaryDirectory(prefix="lever-cost-") as tmp:
