@@ -17,7 +17,8 @@ import yaml
 
 from kube_fake import ArgoRun, FakeKube, FakeKubeServer
 from lever.pipeline.graph import STAGES
-from lever.platform import render, validation
+import manifest_validation as validation
+from lever.platform import render
 from lever.platform.runs import run_status
 
 NS = "lever"

@@ -14,7 +14,7 @@ from lever.errors import StageError
 from lever.pipeline.context import StageContext, UpstreamOutput
 from lever.pipeline.graph import Unit
 from lever.pipeline.graph import stage as graph_stage
-from lever.rl.synthetic import write_training_inputs
+from rl_synthetic import write_training_inputs
 from lever.rl.trainer import EPOCH_KEYS
 from lever.selectors.checkpoint import load_checkpoint, save_checkpoint
 from lever.selectors.pointer import build_selector, sequence_logprob
