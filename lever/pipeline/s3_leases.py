@@ -17,13 +17,28 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Callable, Optional, Protocol
 
 from lever.pipeline.lease import LeaseBackend, LeaseError, LeaseRecord, LeaseSettings
 from lever.pipeline.s3_client import conflict, is_not_found, make_client, unsupported
 
-if TYPE_CHECKING:
-    from lever.pipeline.s3 import S3Store
+
+class LeaseBucket(Protocol):
+    """What the leases use of the S3 store that opens them (``lever.pipeline.s3.S3Store``):
+    declared here so the two modules do not import each other."""
+
+    bucket: str
+    prefix: str
+    url: str
+
+    @property
+    def client(self) -> Any: ...
+
+    def _obj(self, key: str, rel: str = "") -> str: ...
+
+    def _retry(self, what: str, fn: Callable[[], Any], *, not_found: Any = ...) -> Any: ...
+
+    def _list(self, name_prefix: str) -> dict[str, int]: ...
 
 log = logging.getLogger("lever.lease")
 
@@ -33,7 +48,7 @@ _WRITTEN, _CONFLICT, _MISSING = "written", "conflict", "missing"
 class S3Leases(LeaseBackend):
     dies_with_holder = False
 
-    def __init__(self, store: "S3Store", settings: Optional[LeaseSettings] = None):
+    def __init__(self, store: LeaseBucket, settings: Optional[LeaseSettings] = None):
         self.store = store
         self.settings = settings or LeaseSettings.from_env()
         self._beat_client: Any = None
