@@ -51,11 +51,6 @@ ALLOWED_UPWARD: dict[tuple[str, str], str] = {
     # issue's "graph.py repeats a domain rule" item
     ("lever.inference.stage", "lever.pipeline.graph"): "epoch_of_variant",
     ("lever.report.build", "lever.pipeline.graph"): "evaluated_epochs, grpo_epochs_trained, reference_variants",
-    # the multi-plan comparison reads committed reports out of a store by plan keys: a reader
-    # above the pipeline kept in report/ (``lever compare``)
-    ("lever.report.compare", "lever.pipeline.graph"): "stage list and variants of a plan",
-    ("lever.report.compare", "lever.pipeline.hashing"): "plan_keys",
-    ("lever.report.compare", "lever.pipeline.store"): "reads committed reports",
     # ``lever models pull`` writes model snapshots as store artifacts and s3:// model refs are
     # read back through the store: the artifact store is pipeline infrastructure today
     ("lever.models.provision", "lever.pipeline.backends"): "open_store for s3:// model snapshots",

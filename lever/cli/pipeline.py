@@ -280,7 +280,7 @@ def compare_cmd(
 ) -> None:
     """Multi-plan accuracy table: plans as rows, shots as columns, average; best marked."""
     from lever.config import load_plan
-    from lever.report.compare import compare_plans, render_markdown, render_rich
+    from lever.campaign.compare import compare_plans, render_markdown, render_rich
 
     cfgs = [load_plan(p, profile, set_) for p in plans]
     table = compare_plans(cfgs, _open(store), references=references, epochs=epochs)
