@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable
 
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 
 #: the version each kind is written with (and the newest one this Lever reads)
 CURRENT: dict[str, int] = {"rl_data": 1, "checkpoint": 1, "report": 1}

@@ -4,10 +4,10 @@
 #   bash scripts/gpu_smoke.sh --model /models/Qwen--Qwen2.5-VL-3B-Instruct/<rev>   # real weights
 #   bash scripts/gpu_smoke.sh --tiny               # the tiny model on CPU (what CI runs)
 # Options: --out FILE (default gpu_smoke.json), --prompts N, --pool K.  Exit 1 if a check failed.
-# Inside the GPU image run `python -m lever.models.gpu_smoke ...` (same options).
+# Inside the GPU image run `python -m lever.bench.gpu_smoke ...` (same options).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then bash scripts/install.sh; fi
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec python -m lever.models.gpu_smoke "$@"
+exec python -m lever.bench.gpu_smoke "$@"

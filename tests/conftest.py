@@ -19,7 +19,7 @@ def shared():
 
     Skipped on a developer machine without it; failed under CI (``CI`` set), where shared/ is
     always laid beside the clone, so a lost schema can never pass as green."""
-    from lever.platform import validation
+    import manifest_validation as validation
 
     found = validation.find_shared_dir()
     if found is None:

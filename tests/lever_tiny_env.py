@@ -26,7 +26,7 @@ def tiny_plan(*overrides: str):
 @functools.lru_cache(maxsize=None)
 def tiny_lvlm():
     """The tiny profile's LVLM (warm-up weights, cached on disk after the first build)."""
-    from lever.models.lvlm import build_lvlm
+    from lever.models.factory import build_lvlm
 
     return build_lvlm(tiny_plan().lvlm)
 

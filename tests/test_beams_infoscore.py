@@ -10,7 +10,7 @@ import pytest
 
 from lever.data.dataset import load_index
 from lever.models.prompting import icd_example, most_common_answer, query_example
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 from lever.sampling.beam_search import check_beam_record, infoscore_beam_search, plain_scorer
 from lever.sampling.shards import shard_range
 from lever.sampling.stages import BEAMS_FILE, run_generate_beams

@@ -14,7 +14,8 @@ from lever.campaign.loader import CampaignError, load_and_resolve, load_campaign
 from lever.pipeline.graph import STAGES
 from lever.pipeline.hashing import plan_keys
 from lever.pipeline.runner import stage_closure
-from lever.platform import render, validation
+import manifest_validation as validation
+from lever.platform import render
 from lever.platform.campaign import (CAMPAIGN_PATH, LEADERBOARD, build_campaign_cron, build_campaign_workflow,
                                      plan_tasks)
 

@@ -52,7 +52,7 @@ def _lever(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedPro
 
 def _lvlm(directory: Path, dtype: str = "float32"):
     from lever.config.schema import LVLMConfig
-    from lever.models.lvlm import build_lvlm
+    from lever.models.factory import build_lvlm
 
     cfg = LVLMConfig(kind="qwen2_5_vl", name=str(directory), revision=None, dtype=dtype, device="cpu",
                      min_pixels=3136, max_pixels=12544, max_new_tokens=5)
@@ -200,7 +200,7 @@ def test_model_sources_resolve_offline(hub, tmp_path, monkeypatch):
     """Hub id at a pinned revision: under models.root, else the Hugging Face cache; a local
     directory as is; every miss is a StageError naming where it looked."""
     from lever.models.provision import ModelRef, pull, resolve
-    from lever.pipeline.context import StageError
+    from lever.errors import StageError
 
     root, _ = hub
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -237,7 +237,7 @@ def test_snapshots_in_s3_are_pulled_verified_and_loaded(hub, tmp_path, monkeypat
     from s3_server import moto_s3
 
     from lever.models.provision import ModelRef, pull, resolve
-    from lever.pipeline.context import StageError
+    from lever.errors import StageError
 
     root, _ = hub
     monkeypatch.setenv("LEVER_CACHE_DIR", str(tmp_path / "cache"))

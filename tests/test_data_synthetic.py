@@ -13,7 +13,8 @@ from lever.data.dataset import load_index, load_split, write_index, DatasetIndex
 from lever.data.stage import prepare_data
 from lever.data.synthetic import SyntheticLayout, vocabulary, write_synthetic
 from lever.metrics import normalize_answer, vqa_accuracy
-from lever.pipeline.context import StageContext, StageError
+from lever.errors import StageError
+from lever.pipeline.context import StageContext
 from lever.pipeline.graph import Unit
 
 

@@ -16,7 +16,8 @@ from lever.data.stage import prepare_data
 from lever.models.embed_stage import export_embeddings
 from lever.models.embeddings import TENSOR_NAMES, load_embeddings, query_embedding
 from lever.models.encoder import build_encoder
-from lever.pipeline.context import StageContext, StageError, UpstreamOutput
+from lever.errors import StageError
+from lever.pipeline.context import StageContext, UpstreamOutput
 from lever.pipeline.graph import Unit
 
 

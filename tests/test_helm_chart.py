@@ -13,7 +13,8 @@ import yaml
 helm_python = pytest.importorskip("helm_python", reason="helm-python-sdk (requirements-test.lock) not installed")
 
 from lever.pipeline.graph import STAGES  # noqa: E402
-from lever.platform import render, validation  # noqa: E402
+import manifest_validation as validation  # noqa: E402
+from lever.platform import render  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "lever"

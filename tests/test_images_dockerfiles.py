@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lever.platform import dockerfile as dfm
+import dockerfile_reader as dfm
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {"gpu": ROOT / "Dockerfile", "slim": ROOT / "images" / "slim" / "Dockerfile"}

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-import lever.models.lvlm as lvlm_mod
+import lever.models.factory as factory_mod
 import lever.selectors.checkpoint as ckpt_mod
 from lever.config import load_plan
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 from lever.pipeline.graph import BY_NAME, epoch_of_variant, evaluated_epochs, infer_variants
 from lever.pipeline.hashing import plan_keys
 from lever.pipeline.runner import Pipeline
@@ -115,7 +115,7 @@ def test_infer_loads_the_listed_grpo_epoch(store_with_grpo, monkeypatch):
     loaded = []
     real = ckpt_mod.load_checkpoint
     monkeypatch.setattr(ckpt_mod, "load_checkpoint", lambda stem, **kw: loaded.append(stem.name) or real(stem, **kw))
-    monkeypatch.setattr(lvlm_mod, "build_lvlm", lambda cfg: ScriptedLVLM())
+    monkeypatch.setattr(factory_mod, "build_lvlm", lambda cfg: ScriptedLVLM())
     r = pipe.run_unit("infer", _unit(pipe, "epoch3", 2))
     assert r.status == "built" and loaded == ["grpo_epoch3"]
     rows = [json.loads(x) for x in (store.open(r.key) / "predictions.jsonl").read_text().splitlines()]
@@ -126,7 +126,7 @@ def test_missing_epoch_checkpoint_is_a_stage_error_naming_it(store_with_grpo, mo
     store, plan = store_with_grpo
     pipe = Pipeline(plan, store)
     lvlm = ScriptedLVLM()
-    monkeypatch.setattr(lvlm_mod, "build_lvlm", lambda cfg: lvlm)
+    monkeypatch.setattr(factory_mod, "build_lvlm", lambda cfg: lvlm)
     with pytest.raises(StageError, match=r"grpo_epoch2 missing .*epochs \[1, 3\]"):
         pipe.run_unit("infer", _unit(pipe, "epoch2"))
     assert lvlm.calls == 0 and pipe.status("infer", _unit(pipe, "epoch2")) == "missing"
@@ -148,7 +148,7 @@ def test_an_epoch_the_guard_kept_from_training_is_recorded_not_failed(store_with
     store, plan = store_with_stopped_grpo
     pipe = Pipeline(plan, store)
     lvlm = ScriptedLVLM()
-    monkeypatch.setattr(lvlm_mod, "build_lvlm", lambda cfg: lvlm)
+    monkeypatch.setattr(factory_mod, "build_lvlm", lambda cfg: lvlm)
     r = pipe.run_unit("infer", _unit(pipe, "epoch2"))
     assert r.status == "built" and lvlm.calls == 0
     d = store.open(r.key)

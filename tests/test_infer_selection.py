@@ -11,7 +11,7 @@ from lever.config import load_plan
 from lever.config.schema import SelectorConfig
 from lever.inference.selection import check_pool, choose_random, choose_retrieval, choose_selector, pools_for
 from lever.inference.stage import read_done, shard_range
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 
 
 def test_pool_too_small_is_an_error_not_a_silent_truncation():

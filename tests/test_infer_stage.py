@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-import lever.models.lvlm as lvlm_mod
+import lever.models.factory as factory_mod
 from lever.config import load_plan
 from lever.pipeline.runner import Pipeline
 from lever.pipeline.store import LocalStore
@@ -58,7 +58,7 @@ def test_resume_after_kill_and_failed_rows(base, monkeypatch):
     pipe = Pipeline(plan, store)
     unit = _unit(pipe, "random")
     first = ScriptedLVLM(kill_after_calls=1)
-    monkeypatch.setattr(lvlm_mod, "build_lvlm", lambda cfg: first)
+    monkeypatch.setattr(factory_mod, "build_lvlm", lambda cfg: first)
     with pytest.raises(Killed):
         pipe.run_unit("infer", unit)
     assert pipe.status("infer", unit) == "missing"
@@ -68,7 +68,7 @@ def test_resume_after_kill_and_failed_rows(base, monkeypatch):
     index = load_index(store.open(pipe.key("prepare-data", pipe.select_units("prepare-data")[0])))
     bad = str(index.val[6].image_path)
     second = ScriptedLVLM(fail_questions=[bad])
-    monkeypatch.setattr(lvlm_mod, "build_lvlm", lambda cfg: second)
+    monkeypatch.setattr(factory_mod, "build_lvlm", lambda cfg: second)
     r = pipe.run_unit("infer", unit)
     assert r.status == "built"
     assert sorted(second.seen) == sorted(str(q.image_path) for i, q in enumerate(index.val[4:10]) if i + 4 != 6)
@@ -88,7 +88,7 @@ def test_resume_after_kill_and_failed_rows(base, monkeypatch):
 
 
 def test_mostly_failing_lvlm_refuses_to_commit(base, monkeypatch):
-    from lever.pipeline.context import StageError
+    from lever.errors import StageError
 
     store, plan = base
     pipe = Pipeline(plan, store)
@@ -96,21 +96,21 @@ def test_mostly_failing_lvlm_refuses_to_commit(base, monkeypatch):
     from lever.data.dataset import load_index
 
     index = load_index(store.open(pipe.key("prepare-data", pipe.select_units("prepare-data")[0])))
-    monkeypatch.setattr(lvlm_mod, "build_lvlm", lambda cfg: ScriptedLVLM(fail_questions=[str(r.image_path) for r in index.val]))
+    monkeypatch.setattr(factory_mod, "build_lvlm", lambda cfg: ScriptedLVLM(fail_questions=[str(r.image_path) for r in index.val]))
     with pytest.raises(StageError, match="LVLM failed on 10/10"):
         pipe.run_unit("infer", unit)
     assert pipe.status("infer", unit) == "missing"
 
 
 def test_too_many_shots_for_the_pool(base, monkeypatch):
-    from lever.pipeline.context import StageError
+    from lever.errors import StageError
 
     store, _ = base
     plan = load_plan("baseline", "tiny", ["infer.num_samples=10", "infer.shards=1", "infer.shots=[2]",
                                           "lvlm.batch_size=4", "infer.pool=retrieved", "infer.retrieve_top_n=2",
                                           "infer.shots=[2]"])
     pipe = Pipeline(plan, store)
-    monkeypatch.setattr(lvlm_mod, "build_lvlm", lambda cfg: ScriptedLVLM())
+    monkeypatch.setattr(factory_mod, "build_lvlm", lambda cfg: ScriptedLVLM())
     assert pipe.run_unit("infer", _unit(pipe, "random")).status == "built"  # 2 shots from a pool of 2: fine
     plan3 = load_plan("baseline", "tiny", ["infer.num_samples=10", "infer.shards=1", "infer.shots=[2]",
                                            "data.synthetic.n_train=4", "sampler.pool_size=2", "infer.shots=[5]"])

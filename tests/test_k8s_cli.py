@@ -17,7 +17,8 @@ import yaml
 
 from kube_fake import ArgoRun, FakeKube, FakeKubeServer
 from lever.pipeline.graph import STAGES
-from lever.platform import render, validation
+import manifest_validation as validation
+from lever.platform import render
 from lever.platform.runs import run_status
 
 NS = "lever"
@@ -265,7 +266,7 @@ def test_logs_of_a_stage_and_a_unit(kube, capsys):
 
 
 def _commit_report(store_dir, key: str, average_diff: float) -> None:
-    from lever.pipeline.store import open_store
+    from lever.pipeline.backends import open_store
 
     st = open_store(str(store_dir))
     with st.staging(key) as stg:

@@ -17,7 +17,8 @@ import yaml
 
 from lever.config import list_plans, load_plan
 from lever.pipeline.graph import STAGES
-from lever.platform import render, validation
+import manifest_validation as validation
+from lever.platform import render
 from lever.platform.pods import RETRY_EXPRESSION
 from lever.platform.workflows import (
     EXIT_HANDLER,

@@ -9,9 +9,9 @@ from lever_tiny_env import tiny_lvlm
 
 
 def test_beam_cost_model_matches_a_real_beam_search(tmp_path):
-    from lever.models.cost_model import beam_costs, measure_lengths
+    from lever.bench.cost_model import beam_costs, measure_lengths
     from lever.models.prompting import icd_example, most_common_answer, query_example
-    from lever.models.scoring_bench import _synthetic_records
+    from lever.bench.scoring import _synthetic_records
     from lever.sampling.beam_search import infoscore_beam_search
 
     lvlm = tiny_lvlm()
@@ -35,7 +35,7 @@ def test_beam_cost_model_matches_a_real_beam_search(tmp_path):
 
 
 def test_rl_and_infer_costs_are_consistent():
-    from lever.models.cost_model import Lengths, cost_table
+    from lever.bench.cost_model import Lengths, cost_table
 
     L = Lengths(header=14, icd=14, query=13, tail=5, answer=1, distinct_answers=2)
     rows = cost_table(L, img=256)
@@ -50,7 +50,7 @@ def test_cluster_fanout_is_the_cost_models_choice_and_keeps_loading_small():
     cannot drift from it silently), and with them no LVLM stage spends more of a pod's time
     loading than the old fan-out did (48 infer pods, each ~90% load)."""
     from lever.config import load_plan
-    from lever.models.cost_model import PodAssumptions, pod_table, suggest_fanout
+    from lever.bench.cost_model import PodAssumptions, pod_table, suggest_fanout
 
     plan = load_plan("plan5", "cluster")
     chosen = {"beam.shards": plan.beam.shards, "rl_data.shards": plan.rl_data.shards,

@@ -95,7 +95,7 @@ def test_rope_positions_match_the_models_own(setup):
 def test_bench_scoring_prints_agreement_and_speedup():
     from lever_tiny_env import tiny_plan
 
-    from lever.models.scoring_bench import run_scoring_bench
+    from lever.bench.scoring import run_scoring_bench
 
     lines: list[str] = []
     res = run_scoring_bench(tiny_plan().lvlm, ref=(8, 2, 2), ks=(8,), shots=(1, 2), n_queries=1, repeats=1,
@@ -158,7 +158,7 @@ def test_bf16_path_runs_and_agrees_within_bf16_noise():
     """The GPU configuration's dtype (bf16) through the same code: catches dtype mismatches in
     image splicing, the prefix cache and the answer-only LM head (no GPU needed)."""
     from lever.data.dataset import load_index
-    from lever.models.lvlm import build_lvlm
+    from lever.models.factory import build_lvlm
 
     from lever_tiny_env import tiny_plan
 

@@ -32,7 +32,7 @@ def test_cache_evicts_least_recently_used_by_bytes():
 
 def test_lvlm_keeps_pixels_in_model_dtype_within_the_byte_budget(tmp_path):
     from lever.config.schema import LVLMConfig
-    from lever.models.lvlm import build_lvlm
+    from lever.models.factory import build_lvlm
 
     cfg = LVLMConfig(kind="tiny_qwen2_5_vl", name="t", revision=None, dtype="bfloat16", device="cpu", warmup_steps=0,
                      min_pixels=3136, max_pixels=12544, image_cache_mb=0.5)

@@ -6,7 +6,7 @@ from lever_tiny_env import tiny_lvlm, tiny_plan
 
 
 def test_batched_generation_equals_one_by_one_on_the_bench_prompts():
-    from lever.models.infer_bench import run_infer_bench
+    from lever.bench.infer import run_infer_bench
 
     lvlm = tiny_lvlm()
     lines: list[str] = []

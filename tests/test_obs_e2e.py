@@ -30,7 +30,7 @@ from lever.obs.guard import DivergenceGuard
 from lever.obs.telemetry import Telemetry
 from lever.rl.groups import build_groups
 from lever.rl.grpo import frozen_copy, run_grpo
-from lever.rl.synthetic import make_rl_records, synthetic_embeddings
+from rl_synthetic import make_rl_records, synthetic_embeddings
 from lever.rl.trainer import EpochRecorder
 from lever.rl.validation import split_records
 from lever.selectors.pointer import build_selector

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from lever.config import load_plan
 from lever.pipeline.context import StageContext, UpstreamOutput
 from lever.pipeline.graph import Unit
-from lever.rl.synthetic import write_training_inputs
+from rl_synthetic import write_training_inputs
 from lever.selectors.checkpoint import save_checkpoint
 from lever.selectors.pointer import build_selector
 

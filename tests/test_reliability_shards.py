@@ -72,7 +72,7 @@ def test_rl_data_shard_resumes_per_query_byte_identical(pipe, tmp_path):
 
 
 def test_infer_unit_resumes_per_query(pipe, tmp_path, monkeypatch):
-    import lever.models.lvlm as lvlm_mod
+    import lever.models.factory as factory_mod
     from lever.inference.stage import PREDICTIONS, infer
 
     full = tmp_path / "full"
@@ -84,7 +84,7 @@ def test_infer_unit_resumes_per_query(pipe, tmp_path, monkeypatch):
     (out / PREDICTIONS).write_text("\n".join(rows[:5]) + "\n" + rows[5][:40])  # 5 done, a torn 6th
 
     asked: list[int] = []
-    real_build = lvlm_mod.build_lvlm
+    real_build = factory_mod.build_lvlm
 
     def counting_build(cfg):
         m = real_build(cfg)
@@ -96,7 +96,7 @@ def test_infer_unit_resumes_per_query(pipe, tmp_path, monkeypatch):
         m.generate = generate
         return m
 
-    monkeypatch.setattr(lvlm_mod, "build_lvlm", counting_build)
+    monkeypatch.setattr(factory_mod, "build_lvlm", counting_build)
     infer(_ctx(pipe, "infer", out, variant="selector"))
     assert sum(asked) == 3, f"the rerun generated for {sum(asked)} queries, not the 3 missing ones"
     got = {json.loads(r)["question_id"]: json.loads(r) for r in (out / PREDICTIONS).read_text().splitlines()}

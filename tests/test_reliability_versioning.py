@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 from lever.versioning import CURRENT, SchemaVersionError, upgrade
 from reliability_store import jsonl, load_corpus_module
 

@@ -11,7 +11,7 @@ from lever.config import load_plan
 from lever.pipeline.runner import Pipeline, load_baseline, run_plan
 from lever.pipeline.store import LocalStore
 from lever.report.bootstrap import paired_bootstrap
-from lever.report.compare import compare_plans, render_markdown
+from lever.campaign.compare import compare_plans, render_markdown
 from test_runner_fakes import fake_stages
 
 SMALL = ["infer.num_samples=30", "infer.shards=2", "infer.shots=[1,2,3]", "report.bootstrap_samples=300"]

@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 from lever.rl.data import read_rl_data, rl_data_stats
-from lever.rl.synthetic import make_rl_records, synthetic_embeddings, write_jsonl
+from rl_synthetic import make_rl_records, synthetic_embeddings, write_jsonl
 
 
 @pytest.fixture()

@@ -14,7 +14,7 @@ from lever.rl.grpo import advantages_for, frozen_copy, grpo_batch, run_grpo
 from lever.rl.groups import batch_step_logprobs, build_groups, scatter_rows
 from lever.rl.losses import rce_loss
 from lever.rl.rce import run_rce, tau_at
-from lever.rl.synthetic import make_rl_records, synthetic_embeddings
+from rl_synthetic import make_rl_records, synthetic_embeddings
 from lever.rl.trainer import EpochRecorder, NonFiniteError
 from lever.rl.validation import evaluate, split_records
 from lever.selectors.pointer import gather_sequence, build_selector

@@ -16,7 +16,8 @@ import os
 import random
 from pathlib import Path
 
-from lever.pipeline.context import StageContext, StageError
+from lever.errors import StageError
+from lever.pipeline.context import StageContext
 from lever.pipeline.graph import STAGES, Stage, epoch_of_variant
 
 MODULE = __name__

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lever.config import load_plan
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 from lever.pipeline.runner import Pipeline, load_baseline, run_plan, stage_closure
 from lever.pipeline.store import LocalStore
 from test_runner_fakes import fake_stages, read_log

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lever.models.embeddings import Embeddings, query_embedding
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 from lever.sampling.samplers import build_pool, query_rng, retrieve_similar
 
 KINDS = ("random", "image_sim", "text_sim", "mix")

@@ -18,10 +18,10 @@ import torch
 
 from lever.cli import main
 from lever.config import load_plan
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 from lever.pipeline.runner import Pipeline
 from lever.pipeline.store import LocalStore
-from lever.rl.synthetic import synthetic_embeddings, write_embeddings_dir
+from rl_synthetic import synthetic_embeddings, write_embeddings_dir
 from lever.selectors.checkpoint import load_checkpoint, save_checkpoint
 from lever.selectors.pointer import build_selector
 from reliability_store import jsonl, load_corpus_module, seed, tree_hash

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lever.config.schema import SelectorConfig
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 from lever.selectors.checkpoint import from_v2_state, load_checkpoint, save_checkpoint, to_v2_state
 from lever.selectors.pointer import build_selector, sequence_logprob
 

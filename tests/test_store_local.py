@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from lever.pipeline.store import MANIFEST, CorruptArtifact, LocalStore, StagingBusy, open_store, sha256_file
+from lever.pipeline.backends import open_store
+from lever.pipeline.store import MANIFEST, CorruptArtifact, LocalStore, StagingBusy, sha256_file
 
 
 def _build(store: LocalStore, key: str, files: dict[str, bytes]) -> dict:
@@ -34,6 +35,9 @@ def test_commit_writes_manifest_and_moves_atomically(tmp_path):
         assert field in disk
     assert store.check("s/abc123") == []
     assert store.open("s/abc123") == final
+    # the store interface: artifacts are already local, staging is already where workers see it
+    assert not store.is_remote and store.local_path("s/abc123", "a.txt") == final / "a.txt"
+    assert store.sync_staging("s/abc123") == 0
 
 
 def test_corruption_is_detected_and_quarantined(tmp_path):

@@ -8,8 +8,9 @@ import pytest
 
 from lever.config import load_plan
 from lever.pipeline.runner import Pipeline, load_baseline, run_plan
+from lever.pipeline.backends import open_store
 from lever.pipeline.s3 import S3Store
-from lever.pipeline.store import CorruptArtifact, open_store
+from lever.pipeline.store import CorruptArtifact
 from s3_server import client, moto_s3
 from test_runner_fakes import fake_stages, read_log
 
@@ -47,6 +48,8 @@ def test_commit_is_manifest_last_and_download_verified(s3, tmp_path):
     local = other.open("stage/abc")
     assert (local / "a.txt").read_text() == "hello"
     assert json.loads((local / "_manifest.json").read_text())["files"] == m["files"]
+    # the store interface: the CLI's "local copy" line and the runner's staging snapshots
+    assert other.is_remote and other.local_path("stage/abc", "a.txt") == local / "a.txt"
     # same-size tampering in the bucket: the size check passes, the download check does not
     client(endpoint).put_object(Bucket=bucket, Key="runs/x/stage/abc/a.txt", Body=b"hellO")
     third = S3Store(bucket, "runs/x", cache_dir=tmp_path / "cache3")

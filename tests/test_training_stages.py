@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from lever.config import list_plans, load_plan
-from lever.pipeline.context import StageContext, StageError, UpstreamOutput
+from lever.errors import StageError
+from lever.pipeline.context import StageContext, UpstreamOutput
 from lever.pipeline.graph import Unit
 from lever.pipeline.graph import stage as graph_stage
-from lever.rl.synthetic import write_training_inputs
+from rl_synthetic import write_training_inputs
 from lever.rl.trainer import EPOCH_KEYS
 from lever.selectors.checkpoint import load_checkpoint, save_checkpoint
 from lever.selectors.pointer import build_selector, sequence_logprob
@@ -61,7 +62,7 @@ def test_plan_trains_end_to_end(name, tmp_path, record_property):
         # tests/test_rl_online.py and end to end in tests/test_testbed_learning.py
         plan = load_plan(name, profile="tiny", overrides=["grpo.rollout=offline"])
     t = time.perf_counter()
-    ups = run_chain(plan, tmp_path)
+    run_chain(plan, tmp_path)
     elapsed = time.perf_counter() - t
     record_property("train_seconds", round(elapsed, 2))
     print(f"{name}: trained v2 -> convert in {elapsed:.1f}s")

@@ -10,9 +10,9 @@ import torch
 from rich.console import Console
 
 from lever.config.schema import SelectorConfig, V2TrainConfig
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 from lever.rl.groups import build_groups
-from lever.rl.synthetic import make_beam_records, synthetic_embeddings, write_jsonl
+from rl_synthetic import make_beam_records, synthetic_embeddings, write_jsonl
 from lever.rl.trainer import EpochRecorder
 from lever.rl.validation import split_records
 from lever.selectors.pointer import build_selector

@@ -6,7 +6,7 @@ and line (``lever.campaign.loader``), never a silently ignored setting that wast
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 

@@ -20,7 +20,7 @@ from lever.cli import campaign as _campaign  # noqa: F401
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from lever.config.loader import PlanError
-    from lever.pipeline.context import StageError
+    from lever.errors import StageError
 
     return (PlanError, StageError)
 

@@ -28,7 +28,7 @@ def bench_scoring(
 ) -> None:
     """InfoScore scoring, plain vs fast: agreement, throughput, ratio; ends with ``speedup: X.XX``."""
     from lever.config import load_plan
-    from lever.models.scoring_bench import run_scoring_bench
+    from lever.bench.scoring import run_scoring_bench
 
     cfg = load_plan(plan, profile=profile).lvlm
     k0, b0, s0 = _ints(ref)
@@ -48,7 +48,7 @@ def bench_infer(
     """Greedy generation, one query at a time vs batched (the infer stage's path): identical
     answers, throughput, ratio; ends with ``speedup: X.XX``."""
     from lever.config import load_plan
-    from lever.models.infer_bench import run_infer_bench
+    from lever.bench.infer import run_infer_bench
 
     cfg = load_plan(plan, profile=profile).lvlm
     run_infer_bench(cfg, shots=_ints(shots), n_queries=queries, repeats=repeats,
@@ -68,7 +68,7 @@ def bench_verdicts(
     """RL data's verdicts (generation + gt answer scoring): plain, two-pass fast and one-pass fast;
     identical generations, ms per query, ratios; ends with ``speedup: X.XX`` (plain / one-pass)."""
     from lever.config import load_plan
-    from lever.models.verdict_bench import run_verdict_bench
+    from lever.bench.verdicts import run_verdict_bench
 
     cfg = load_plan(plan, profile=profile).lvlm
     run_verdict_bench(cfg, n_queries=queries, candidates=candidates, shots=shots, repeats=repeats,

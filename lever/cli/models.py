@@ -42,7 +42,7 @@ def pull_cmd(
 ) -> None:
     """Snapshot the plan's LVLM and encoder at their pinned revisions into the models root."""
     from lever.models.provision import pull
-    from lever.pipeline.context import StageError
+    from lever.errors import StageError
 
     from lever.config.loader import parse_overrides
 

@@ -28,8 +28,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _open(store: Optional[str]):
-    from lever.pipeline.context import StageError
-    from lever.pipeline.store import open_store
+    from lever.errors import StageError
+    from lever.pipeline.backends import open_store
 
     try:
         return open_store(store)
@@ -64,7 +64,7 @@ def _all_overrides(set_: list[str], overrides: str, role: str) -> list[str]:
 
 
 def _parse_units(specs: list[str]) -> dict[str, str]:
-    from lever.pipeline.context import StageError
+    from lever.errors import StageError
 
     out = {}
     for spec in specs:
@@ -129,7 +129,7 @@ def stage_cmd(
         try:
             st = get_stage(name)
         except KeyError as exc:
-            from lever.pipeline.context import StageError
+            from lever.errors import StageError
 
             raise StageError(str(exc.args[0])) from None
         typer.echo(json.dumps([UNIT_ID_SEP.join(u.id for u in g) for g in pod_groups(st, cfg)]))
@@ -214,13 +214,8 @@ def _run(plan, profile, store, set_, jobs, run_id, force, fresh, no_baseline, dr
     console.print(f"done in {summary.seconds:.1f}s: {n_cached}/{len(summary.results)} units cached, run {summary.run_id}")
     if summary.report:
         typer.echo(summary.report)
-        if summary.report.startswith("s3://"):
-            from lever.pipeline.s3 import S3Store
-
-            if isinstance(st, S3Store):
-                key = summary.report[len(f"s3://{st.bucket}/"):]
-                key = key[len(st.prefix) + 1:] if st.prefix else key
-                console.print(f"local copy: {st.local_path(key.rsplit('/', 1)[0], 'report.md')}")
+        if st.is_remote and summary.report_key:
+            console.print(f"local copy: {st.local_path(summary.report_key, 'report.md')}")
 
 
 @app.command("report")
@@ -244,7 +239,7 @@ def report_cmd(
     _setup_logging(verbose)
     if fetch is not None:
         from lever.cli.runs import fetch_report
-        from lever.pipeline.context import StageError
+        from lever.errors import StageError
 
         if set_ or profile or run_id:
             raise StageError("--fetch takes the run's own plan, profile and overrides; drop --set/--profile/--run-id")
@@ -285,7 +280,7 @@ def compare_cmd(
 ) -> None:
     """Multi-plan accuracy table: plans as rows, shots as columns, average; best marked."""
     from lever.config import load_plan
-    from lever.report.compare import compare_plans, render_markdown, render_rich
+    from lever.campaign.compare import compare_plans, render_markdown, render_rich
 
     cfgs = [load_plan(p, profile, set_) for p in plans]
     table = compare_plans(cfgs, _open(store), references=references, epochs=epochs)

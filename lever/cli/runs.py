@@ -80,7 +80,7 @@ def report_location(params: dict[str, str], run_id: str, *, partial: bool, store
     from lever.config import load_plan
     from lever.config.loader import parse_overrides
     from lever.pipeline.runner import Pipeline, load_baseline
-    from lever.pipeline.store import open_store
+    from lever.pipeline.backends import open_store
 
     url = store or params.get("store")
     if not url:
@@ -184,8 +184,6 @@ def _render_table(rs: Any) -> Any:
 def _watch(k: Any, wf: dict, store: Optional[str], as_json: bool) -> Any:
     """Follow the run with a Kubernetes watch until it finishes; print stage changes as they come
     (a live table on a terminal, one line per change otherwise, one JSON object per state with --json)."""
-    from lever.platform import kube
-
     interactive = sys.stdout.isatty() and not as_json
     last: dict[str, str] = {}
     live = None

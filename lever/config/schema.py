@@ -545,7 +545,7 @@ class InferConfig(Section):
     units_per_pod: int = Field(
         1, ge=1,
         description="inference units (variant x shot x shard) one Argo pod runs in a row with one model load; "
-        "the cluster profile's value comes from `python -m lever.models.cost_model` (load vs compute per pod). "
+        "the cluster profile's value comes from `python -m lever.bench.cost_model` (load vs compute per pod). "
         "Not part of any key",
     )
     pool: Literal["train", "retrieved"] = Field(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lever.data.io import atomic_write_json
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 
 SCHEMA_VERSION = 1
 DATASET_FILE = "dataset.json"

@@ -11,7 +11,8 @@ from pathlib import Path
 from lever.config.schema import DataConfig
 from lever.data.dataset import DatasetIndex, load_split, write_index
 from lever.data.synthetic import SyntheticLayout, write_synthetic
-from lever.pipeline.context import StageContext, StageError
+from lever.errors import StageError
+from lever.pipeline.context import StageContext
 
 
 def _official(cfg: DataConfig) -> DatasetIndex:

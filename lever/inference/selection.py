@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 
 
 def check_pool(shot: int, n_train: int, pool: str, top_n: int, exclude_self: bool, where: str) -> int:

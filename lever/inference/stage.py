@@ -18,7 +18,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from lever.pipeline.context import StageContext, StageError
+from lever.errors import StageError
+from lever.pipeline.context import StageContext
 from lever.pipeline.graph import epoch_of_variant
 from lever.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -137,7 +138,8 @@ def infer(ctx: StageContext) -> None:
                                            choose_selector, pools_for)
     from lever.metrics import vqa_accuracy
     from lever.models.embeddings import load_embeddings
-    from lever.models.lvlm import plan_lvlm, postprocess_generation
+    from lever.models.factory import plan_lvlm
+    from lever.models.lvlm import postprocess_generation
     from lever.models.prompting import icd_example, query_example
 
     cfg = ctx.plan.infer

@@ -17,7 +17,8 @@ from tqdm import tqdm
 from lever.data.dataset import VQARecord, load_stage_index
 from lever.models.embeddings import Embeddings, query_embedding, save_embeddings
 from lever.models.encoder import Encoder, build_encoder
-from lever.pipeline.context import StageContext, StageError
+from lever.errors import StageError
+from lever.pipeline.context import StageContext
 
 
 def _open_image(rec: VQARecord) -> Image.Image:

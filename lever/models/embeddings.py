@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from lever.data.io import atomic_write_bytes, atomic_write_json
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 
 EMBEDDINGS_FILE = "embeddings.safetensors"
 ORDER_FILE = "order.json"

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from lever.config.schema import EncoderConfig
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

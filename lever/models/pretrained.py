@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 
 log = logging.getLogger(__name__)
 

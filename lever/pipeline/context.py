@@ -16,11 +16,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lever.config.schema import PlanConfig
+from lever.errors import StageError
 from lever.pipeline.graph import Unit
-
-
-class StageError(Exception):
-    """A stage refused its input or failed in a way the user must fix (exit code 2, never retried)."""
 
 
 @dataclass

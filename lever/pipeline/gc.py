@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 from lever.pipeline.lease import LeaseRecord, owner_info
 from lever.pipeline.store import Leftover, StagingBusy, Store
 

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from lever.config.schema import PlanConfig
-from lever.pipeline.context import StageContext, StageError, UpstreamOutput, _NullTelemetry
+from lever.errors import StageError
+from lever.pipeline.backends import open_store
+from lever.pipeline.context import StageContext, UpstreamOutput, _NullTelemetry
 from lever.pipeline.graph import STAGES, Stage, Unit
 from lever.pipeline.hashing import PlanKeys, artifact_key, full_config_hash, plan_keys
 from lever.pipeline.lease import (
@@ -36,7 +38,7 @@ from lever.pipeline.lease import (
     acquire_unit,
     owner_info,
 )
-from lever.pipeline.store import CorruptArtifact, Staging, StagingBusy, Store, open_store
+from lever.pipeline.store import CorruptArtifact, Staging, StagingBusy, Store
 
 log = logging.getLogger("lever.runner")
 
@@ -462,7 +464,7 @@ class _StagingSync:
         self.every = float(os.environ.get("LEVER_STAGING_SYNC_S", "0") or 0)
         self._stop = threading.Event()
         self._thread: Optional[Any] = None
-        if self.every > 0 and hasattr(store, "sync_staging"):
+        if self.every > 0 and store.is_remote:
             self._thread = threading.Thread(target=self._loop, name=f"staging-sync-{key}", daemon=True)
 
     def _ours(self) -> bool:
@@ -473,7 +475,7 @@ class _StagingSync:
             if not self._ours():
                 continue
             try:
-                self.store.sync_staging(self.key)  # type: ignore[attr-defined]
+                self.store.sync_staging(self.key)
             except Exception as exc:  # a missed snapshot only costs resume progress
                 log.warning("staging snapshot of %s failed: %s", self.key, exc)
 
@@ -488,7 +490,7 @@ class _StagingSync:
             self._thread.join(timeout=60)
             if exc and exc[0] is not None and self._ours():
                 try:  # last snapshot of a failing stage: what it managed to write survives the pod
-                    self.store.sync_staging(self.key)  # type: ignore[attr-defined]
+                    self.store.sync_staging(self.key)
                 except Exception:
                     pass
 
@@ -609,6 +611,7 @@ class RunSummary:
     run_id: str
     results: list[UnitResult] = field(default_factory=list)
     report: Optional[str] = None
+    report_key: Optional[str] = None  # the store key of the report unit (``report`` is its location)
     seconds: float = 0.0
 
 
@@ -707,7 +710,8 @@ def run_plan(
     report_stage = next((s.name for s in stages if s.with_baseline and s.name in names), None)
     if report_stage is not None:
         unit = pipe.select_units(report_stage)[0]
-        summary.report = store.location(pipe.key(report_stage, unit), "report.md")
+        summary.report_key = pipe.key(report_stage, unit)
+        summary.report = store.location(summary.report_key, "report.md")
     record = {
         "plan": plan.name, "baseline": baseline.name if baseline else None, "run_id": pipe.run_id,
         "store": store.url, "seconds": round(summary.seconds, 2), "report": summary.report,

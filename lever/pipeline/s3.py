@@ -26,6 +26,15 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from lever.pipeline.lease import LeaseError, LeaseSettings
+from lever.pipeline.s3_client import (
+    Retryable,
+    conflict,
+    is_not_found,
+    make_client,
+    max_attempts,
+    retryable,
+    unsupported,
+)
 from lever.pipeline.store import (
     MANIFEST,
     CorruptArtifact,
@@ -46,113 +55,18 @@ from lever.pipeline.store import (
 
 log = logging.getLogger("lever.s3")
 _MB = 1024 * 1024
-#: S3 error codes worth another try: throttling, server-side and timeout errors
-_RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
-                "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeoutException",
-                "500", "502", "503", "504", "BadDigest", "XAmzContentSHA256Mismatch"}
-
-
 _DAMAGED_ATTEMPTS = 3
 #: bucket areas beside the content-addressed keys (see store.py's layout)
 INTERNAL_AREAS = (".staging", ".quarantine", ".leases")
-#: answers to a conditional request whose precondition did not hold (409: a concurrent
-#: conditional write to the same key was in flight on AWS; the caller re-reads and decides)
-_CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
-
-
-class _Retryable(Exception):
-    """A transfer went wrong in a way a second try may fix (bad body checksum, short read)."""
-
-
-def max_attempts() -> int:
-    return max(1, int(os.environ.get("LEVER_S3_MAX_ATTEMPTS", "8")))
 
 
 def multipart_threshold() -> int:
     return max(5 * _MB, int(os.environ.get("LEVER_S3_MULTIPART_THRESHOLD", str(64 * _MB))))
 
 
-def make_client(*, connect_timeout: float = 10, read_timeout: float = 120, attempts: int = 2) -> Any:
-    """A boto3 S3 client with path-style addressing for custom endpoints (MinIO needs it).  It
-    makes one quick retry itself; :meth:`S3Store._retry` owns the real policy, because botocore
-    does not retry a body that breaks or arrives damaged after the headers.  Lease heartbeats use
-    short timeouts and one attempt: the next beat is their retry."""
-    import boto3
-    from botocore.config import Config
-
-    endpoint = os.environ.get("LEVER_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL") or None
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    # adaptive adds client-side rate limiting when a bucket throttles many workers at once
-    mode = os.environ.get("LEVER_S3_RETRY_MODE", "standard")
-    if mode not in ("standard", "adaptive", "legacy"):
-        raise StoreError(f"LEVER_S3_RETRY_MODE={mode!r}: expected standard, adaptive or legacy")
-    cfg = Config(
-        region_name=region,
-        retries={"max_attempts": attempts, "mode": mode},
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-        s3={"addressing_style": "path"} if endpoint else None,
-    )
-    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=cfg)
-
-
-def _code(exc: BaseException) -> str:
-    resp = getattr(exc, "response", None) or {}
-    code = str(resp.get("Error", {}).get("Code", ""))
-    status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return code or (str(status) if status else "")
-
-
-def _is_not_found(exc: BaseException) -> bool:
-    return _code(exc) in ("404", "NoSuchKey", "NotFound")
-
-
-def conflict(exc: BaseException) -> bool:
-    """A conditional request's precondition failed (412), or a concurrent conditional write to the
-    same key was in flight (409 ConditionalRequestConflict, AWS)."""
-    return _code(exc) in _CONFLICT_CODES
-
-
-def unsupported(exc: BaseException, header: str) -> Optional[Exception]:
-    """A clear error when the endpoint does not implement a conditional header (else None)."""
-    if _code(exc) in ("NotImplemented", "501"):
-        return LeaseError(f"the S3 endpoint does not support conditional writes ({header}); Lever needs them "
-                          "to keep concurrent runs from building the same unit (AWS S3, MinIO and Ceph RGW have "
-                          "them). Upgrade the store, or set LEVER_LEASES=off to run without coordination "
-                          "(then never run two plans on this store at once)")
-    return None
-
-
-def _retryable(exc: BaseException) -> bool:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    if isinstance(exc, _Retryable):
-        return True
-    if isinstance(exc, ClientError):
-        code = _code(exc)
-        status = (getattr(exc, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        return code in _RETRY_CODES or int(status) >= 500
-    if isinstance(exc, BotoCoreError):  # connection errors, timeouts, broken/checksum-failed bodies
-        return True
-    try:
-        from boto3.exceptions import S3UploadFailedError
-
-        if isinstance(exc, S3UploadFailedError):  # wraps the ClientError of a (multipart) upload
-            text = str(exc)
-            return not any(c in text for c in ("AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch"))
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from urllib3.exceptions import HTTPError as Urllib3Error
-
-        if isinstance(exc, Urllib3Error):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return isinstance(exc, (ConnectionError, TimeoutError))
-
-
 class S3Store(Store):
+    is_remote = True
+
     def __init__(self, bucket: str, prefix: str = "", cache_dir: Optional[str | Path] = None, client: Any = None):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
@@ -183,7 +97,7 @@ class S3Store(Store):
         parts = [p for p in (self.prefix, checked, rel) if p]
         return "/".join(parts)
 
-    def _retry(self, what: str, fn: Callable[[], Any], *, not_found: Any = _Retryable) -> Any:
+    def _retry(self, what: str, fn: Callable[[], Any], *, not_found: Any = Retryable) -> Any:
         """Run one S3 operation with exponential backoff (plus jitter) on throttling, 5xx, dropped
         connections and damaged bodies; ``LEVER_S3_MAX_ATTEMPTS`` tries in all.  Anything else,
         or the last failure, becomes a StoreError naming the operation (never the credentials).
@@ -196,12 +110,12 @@ class S3Store(Store):
             except LeaseError:
                 raise
             except Exception as exc:
-                if not_found is not _Retryable and _is_not_found(exc):
+                if not_found is not Retryable and is_not_found(exc):
                     return not_found
                 # bytes that arrive but do not match: a transfer fault is cured by one or two more
                 # tries; an object damaged in the bucket is not, so do not spend the whole budget
-                damaged += isinstance(exc, _Retryable)
-                if not _retryable(exc) or attempt == attempts or damaged >= _DAMAGED_ATTEMPTS:
+                damaged += isinstance(exc, Retryable)
+                if not retryable(exc) or attempt == attempts or damaged >= _DAMAGED_ATTEMPTS:
                     raise StoreError(f"{self.url}: {what} failed"
                                      + (f" after {attempt} attempts" if attempt > 1 else "") + f": {exc}") from None
                 delay = min(5.0, 0.1 * (2 ** (attempt - 1))) * (0.5 + random.random())
@@ -281,9 +195,9 @@ class S3Store(Store):
         def get() -> None:
             self.client.download_file(self.bucket, name, str(path), Config=cfg)
             if size is not None and path.stat().st_size != size:
-                raise _Retryable(f"{name}: got {path.stat().st_size} bytes, manifest says {size}")
+                raise Retryable(f"{name}: got {path.stat().st_size} bytes, manifest says {size}")
             if sha256 is not None and sha256_file(path) != sha256:
-                raise _Retryable(f"{name}: downloaded bytes do not match the manifest's sha256")
+                raise Retryable(f"{name}: downloaded bytes do not match the manifest's sha256")
 
         self._retry(f"downloading {name}", get)
 
@@ -566,4 +480,4 @@ def _check_etag(body: bytes, etag: Optional[str], name: str) -> None:
     if "-" in tag or len(tag) != 32:
         return
     if hashlib.md5(body).hexdigest() != tag:
-        raise _Retryable(f"{name}: body does not match its ETag (damaged in transfer)")
+        raise Retryable(f"{name}: body does not match its ETag (damaged in transfer)")

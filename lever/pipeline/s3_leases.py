@@ -17,13 +17,28 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Callable, Optional, Protocol
 
 from lever.pipeline.lease import LeaseBackend, LeaseError, LeaseRecord, LeaseSettings
-from lever.pipeline.s3 import _is_not_found, conflict, make_client, unsupported
+from lever.pipeline.s3_client import conflict, is_not_found, make_client, unsupported
 
-if TYPE_CHECKING:
-    from lever.pipeline.s3 import S3Store
+
+class LeaseBucket(Protocol):
+    """What the leases use of the S3 store that opens them (``lever.pipeline.s3.S3Store``):
+    declared here so the two modules do not import each other."""
+
+    bucket: str
+    prefix: str
+    url: str
+
+    @property
+    def client(self) -> Any: ...
+
+    def _obj(self, key: str, rel: str = "") -> str: ...
+
+    def _retry(self, what: str, fn: Callable[[], Any], *, not_found: Any = ...) -> Any: ...
+
+    def _list(self, name_prefix: str) -> dict[str, int]: ...
 
 log = logging.getLogger("lever.lease")
 
@@ -33,7 +48,7 @@ _WRITTEN, _CONFLICT, _MISSING = "written", "conflict", "missing"
 class S3Leases(LeaseBackend):
     dies_with_holder = False
 
-    def __init__(self, store: "S3Store", settings: Optional[LeaseSettings] = None):
+    def __init__(self, store: LeaseBucket, settings: Optional[LeaseSettings] = None):
         self.store = store
         self.settings = settings or LeaseSettings.from_env()
         self._beat_client: Any = None
@@ -64,7 +79,7 @@ class S3Leases(LeaseBackend):
         except Exception as exc:
             if conflict(exc):
                 return _CONFLICT, None
-            if _is_not_found(exc):
+            if is_not_found(exc):
                 return _MISSING, None
             raise unsupported(exc, "If-None-Match" if create else "If-Match") or exc
         return _WRITTEN, resp.get("ETag")
@@ -98,7 +113,7 @@ class S3Leases(LeaseBackend):
             try:
                 resp = self.store.client.get_object(Bucket=self.store.bucket, Key=name)
             except Exception as exc:
-                if _is_not_found(exc):
+                if is_not_found(exc):
                     return None
                 raise
             raw = resp["Body"].read()
@@ -159,7 +174,7 @@ class S3Leases(LeaseBackend):
             except Exception as exc:
                 if conflict(exc):
                     return _CONFLICT
-                if _is_not_found(exc):
+                if is_not_found(exc):
                     return _MISSING
                 raise
             return _WRITTEN
@@ -191,7 +206,7 @@ class S3Leases(LeaseBackend):
             try:
                 self.store.client.delete_object(Bucket=self.store.bucket, Key=name, IfMatch=rec.version)
             except Exception as exc:
-                if conflict(exc) or _is_not_found(exc):
+                if conflict(exc) or is_not_found(exc):
                     return False
                 raise
             return True

@@ -204,6 +204,9 @@ class Store(ABC):
 
     url: str
     _leases: Any = None
+    #: True when committed artifacts live away from this machine and are cached locally (the CLI
+    #: then also prints where the local copy is; the runner snapshots staging for other nodes)
+    is_remote: bool = False
 
     @abstractmethod
     def manifest(self, key: str) -> Optional[dict]:
@@ -247,8 +250,19 @@ class Store(ABC):
     def location(self, key: str, rel: str = "") -> str:
         """Human-readable location (path or URL) of a key or a file inside it."""
 
+    @abstractmethod
+    def local_path(self, key: str, rel: str = "") -> Path:
+        """Where a committed artifact (or a file inside it) is on this machine: the artifact
+        itself for a local store, the verified cached copy for a remote one."""
+
+    def sync_staging(self, key: str) -> int:
+        """Copy the staging files of ``key`` to where a worker on another machine can resume from;
+        returns the number of files copied.  A store whose staging is already where every worker
+        sees it has nothing to copy."""
+        return 0
+
     def spec(self) -> dict:
-        """How a worker process reopens this store (see :func:`open_store`)."""
+        """How a worker process reopens this store (see ``lever.pipeline.backends.open_store``)."""
         return {"url": self.url}
 
     def leases(self) -> Any:
@@ -378,6 +392,10 @@ class LocalStore(Store):
         p = self._dir(key)
         return str(p / rel) if rel else str(p)
 
+    def local_path(self, key: str, rel: str = "") -> Path:
+        p = self._dir(key)
+        return p / rel if rel else p
+
     def _lease_backend(self) -> Any:
         from lever.pipeline.lease import FileLeases
 
@@ -435,23 +453,3 @@ def _fsync_dir(d: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-DEFAULT_STORE = "./lever-store"
-
-
-def open_store(url: Optional[str] = None, cache_dir: Optional[str] = None) -> Store:
-    """``DIR`` -> LocalStore, ``s3://bucket/prefix`` -> S3Store (endpoint/credentials from the
-    environment).  None -> ``$LEVER_STORE`` or ``./lever-store``."""
-    url = url or os.environ.get("LEVER_STORE") or DEFAULT_STORE
-    if url.startswith("s3://"):
-        from lever.pipeline.s3 import S3Store
-
-        rest = url[len("s3://"):]
-        bucket, _, prefix = rest.partition("/")
-        if not bucket:
-            raise ValueError(f"store {url!r}: missing bucket name (s3://BUCKET/PREFIX)")
-        return S3Store(bucket, prefix.strip("/"), cache_dir=cache_dir)
-    if "://" in url:
-        raise ValueError(f"store {url!r}: only local directories and s3:// URLs are supported")
-    return LocalStore(url)

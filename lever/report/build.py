@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lever.config.schema import PlanConfig
-from lever.pipeline.context import StageError, UpstreamOutput
+from lever.errors import StageError
+from lever.pipeline.context import UpstreamOutput
 from lever.versioning import upgrade
 from lever.pipeline.graph import evaluated_epochs, grpo_epochs_trained, reference_variants
 from lever.report.bootstrap import paired_bootstrap

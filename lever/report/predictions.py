@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 
 #: fields of an evaluated row (a row with ``eval_failed: true`` needs only the first three)
 REQUIRED = ("question_id", "variant", "shot", "icd_ids", "accuracy")

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 from lever.versioning import SchemaVersionError, upgrade
 
 SOURCES: tuple[str, ...] = ("infoscore_beam", "v2_beam", "v2_sample", "retrieval", "random")

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from lever.config.schema import RewardConfig
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 from lever.rl.rewards import plan_reward
 from lever.selectors.pointer import PointerSelector, step_logprobs
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from rich.console import Console
 
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 from lever.selectors.checkpoint import atomic_write_bytes, atomic_write_json, json_safe as _json_safe
 
 EpochHook = Callable[[str, int, dict], Optional[str]]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from lever.models.embeddings import Embeddings
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 
 if TYPE_CHECKING:
     from lever.config.schema import SamplerConfig

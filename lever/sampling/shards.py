@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 
 
 def shard_range(n_items: int, shard: int, of: int) -> range:

@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 from lever.models.prompting import icd_example, most_common_answer, query_example
-from lever.pipeline.context import StageContext, StageError
+from lever.errors import StageError
+from lever.pipeline.context import StageContext
 from lever.sampling.beam_search import beam_record, infoscore_beam_search, plain_scorer
 from lever.sampling.rl_data import QueryInputs, query_record
 from lever.sampling.shards import ResumableJsonl, shard_range
@@ -77,7 +78,7 @@ def _progress(ctx: StageContext, queries: range, done: int, desc: str):
 
 
 def run_generate_beams(ctx: StageContext, lvlm: Any = None, hook: Optional[QueryHook] = None) -> Path:
-    from lever.models.lvlm import plan_lvlm
+    from lever.models.factory import plan_lvlm
     from lever.sampling.samplers import build_pool_from_config
 
     plan = ctx.plan
@@ -145,7 +146,7 @@ def _load_selector(ctx: StageContext) -> Any:
 
 
 def run_generate_rl_data(ctx: StageContext, lvlm: Any = None, hook: Optional[QueryHook] = None) -> Path:
-    from lever.models.lvlm import plan_lvlm
+    from lever.models.factory import plan_lvlm
     from lever.sampling.samplers import build_pool_from_config
 
     plan = ctx.plan

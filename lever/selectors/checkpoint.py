@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
 
 from lever.config.schema import SelectorConfig
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 from lever.versioning import upgrade
 from lever.selectors.pointer import PointerSelector
 from lever.io import atomic_write_bytes

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 
 ROLLBACK_PREFIX = "rollback: "
 

@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from lever.io import atomic_write_bytes
-from lever.pipeline.context import StageContext, StageError
+from lever.errors import StageError
+from lever.pipeline.context import StageContext
 from lever.rl.curriculum import bucket_counts, phase1_indices, positive_indices, quality_buckets
 from lever.rl.data import read_rl_data, rl_data_stats
 from lever.rl.groups import GroupData, build_groups
@@ -295,7 +296,7 @@ def online_judge(ctx: StageContext) -> Any:
 
     from lever.config.loader import config_hash
     from lever.data.dataset import load_stage_index
-    from lever.models.lvlm import plan_lvlm
+    from lever.models.factory import plan_lvlm
     from lever.rl.judge_cache import DirBackend, JudgeCache, namespace
     from lever.rl.online import OnlineJudge
     from lever.sampling.stages import make_scorer

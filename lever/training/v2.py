@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 import torch
 
 from lever.config.schema import V2TrainConfig
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 from lever.rl.groups import GroupData, batch_step_logprobs
 from lever.rl.loop import EpochPhase, Loop, forked_seed, run_epochs
 from lever.rl.trainer import EpochRecorder, mean, small_model_threads

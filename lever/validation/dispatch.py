@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 
 KINDS = ("rl-data", "plan", "predictions", "checkpoint")
 #: suffixes of pickle-based formats; Lever never opens them (arbitrary code runs on unpickling)

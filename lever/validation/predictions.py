@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lever.pipeline.context import StageError
+from lever.errors import StageError
 
 #: fields every row needs, and the extra ones a row whose evaluation succeeded needs
 IDENTITY = ("question_id", "variant", "shot")

@@ -19,7 +19,7 @@ Counting rules, per query (prompt = header, ICDs, query, tail, answer; see ``lev
 * RL data on the fast path scores the gt answers on the generation's own key/value cache, so a
   candidate's prompt goes through the model once (``FastScorer.generate_and_score``).
 
-Run ``python -m lever.models.cost_model`` for the table of docs/performance.md.
+Run ``python -m lever.bench.cost_model`` for the table of docs/performance.md.
 """
 
 from __future__ import annotations
@@ -286,7 +286,7 @@ def online_epoch_cost(plan: Any, L: Lengths = REFERENCE_LENGTHS, A: PodAssumptio
     ``queries_per_epoch x group_size`` rollout verdicts and ``eval_queries x (eval_samples + 1)``
     held-out verdicts, each a generate-rl-data candidate on the fast path (one zero-shot scoring
     per query included).  Seconds at ``A.tflops`` on one GPU; selector updates are negligible."""
-    g, o = plan.grpo, plan.grpo.online
+    o = plan.grpo.online
     n_rl = plan.rl_data.num_queries or OKVQA_TRAIN
     n_val = n_val if n_val is not None else max(1, round(n_rl * plan.validation.val_fraction))
     train_q = min(o.queries_per_epoch or n_rl - n_val, n_rl - n_val)
@@ -301,8 +301,8 @@ def online_epoch_cost(plan: Any, L: Lengths = REFERENCE_LENGTHS, A: PodAssumptio
 
 def main(n_records: int = 96, seed: int = 0, lvlm_cfg: Optional[Any] = None) -> str:
     from lever.config import load_plan
-    from lever.models.lvlm import build_lvlm
-    from lever.models.scoring_bench import _synthetic_records
+    from lever.models.factory import build_lvlm
+    from lever.bench.scoring import _synthetic_records
 
     lvlm = build_lvlm(lvlm_cfg or load_plan("baseline", profile="tiny").lvlm)
     with tempfile.TemporaryDirectory(prefix="lever-cost-") as tmp:

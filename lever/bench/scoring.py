@@ -149,7 +149,7 @@ def run_scoring_bench(
     echo: Callable[[str], None] = print,
 ) -> list[BenchResult]:
     """All settings; prints a table and the final ``speedup:`` line (at ``ref``)."""
-    from lever.models.lvlm import build_lvlm
+    from lever.models.factory import build_lvlm
 
     lvlm = build_lvlm(lvlm_cfg)
     K0, B0, S0 = ref

@@ -8,7 +8,7 @@
 * Structural checks a schema cannot express (GPU limits on GPU stages, a retry strategy on
   every template, unique task names, no Helm expression left unrendered, pinned images).
 
-Used by the tests and usable by hand; nothing here is imported at run time by the pipeline.
+A test helper (kept under tests/, not shipped in the package); usable by hand from here.
 """
 
 from __future__ import annotations

@@ -96,8 +96,8 @@ def run_infer_bench(
 ) -> list[InferBenchResult]:
     """Every shot on the same queries (ICDs drawn at random from the train items, seeded);
     prints a table, the agreement line and ``speedup: X.XX`` (total plain time / total fast time)."""
-    from lever.models.lvlm import _CACHE, build_lvlm
-    from lever.models.scoring_bench import _synthetic_records
+    from lever.models.factory import _CACHE, build_lvlm
+    from lever.bench.scoring import _synthetic_records
 
     n_new = max_new_tokens or lvlm_cfg.max_new_tokens
     with tempfile.TemporaryDirectory(prefix="lever-bench-") as tmp:

@@ -66,8 +66,8 @@ def run_verdict_bench(
 ) -> dict[str, float]:
     """Seconds per path over all queries (best per query, summed); prints the table, the
     agreement line and ``speedup:``."""
-    from lever.models.lvlm import build_lvlm
-    from lever.models.scoring_bench import _clock, _synthetic_records
+    from lever.models.factory import build_lvlm
+    from lever.bench.scoring import _clock, _synthetic_records
 
     n_new = max_new_tokens or lvlm_cfg.max_new_tokens
     lvlm = build_lvlm(lvlm_cfg)

@@ -95,9 +95,9 @@ def _model_dir(args: argparse.Namespace, work: Path, log) -> tuple[Path, str]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from lever.config.schema import LVLMConfig
-    from lever.models.cost_model import H100_TFLOPS, beam_costs, flops, measure_lengths
+    from lever.bench.cost_model import H100_TFLOPS, beam_costs, flops, measure_lengths
     from lever.models.fast_scoring import LOGPROB_TOLERANCE, FastScorer
-    from lever.models.lvlm import build_lvlm
+    from lever.models.factory import build_lvlm
     from lever.models.pretrained import load_qwen_processor
     from lever.models.prompting import icd_example, most_common_answer, query_example
     from lever.sampling.beam_search import infoscore_beam_search
