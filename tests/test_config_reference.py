@@ -12,7 +12,8 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from lever.campaign.schema import CampaignConfig
-from lever.config.reference import config_reference, type_name, undescribed_fields, walk_fields
+from lever.cli.plans import config_reference
+from lever.config.reference import type_name, undescribed_fields, walk_fields
 from lever.config.schema import PlanConfig
 
 ROOT = Path(__file__).resolve().parents[1]

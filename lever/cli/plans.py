@@ -39,7 +39,6 @@ def plan_fields(
 ) -> None:
     """Print the reference of every plan and campaign field (type, default, bounds, description):
     the page committed as docs/config.md."""
-    from lever.config.reference import config_reference
     from lever.io import atomic_write_text
 
     text = config_reference()
@@ -48,3 +47,38 @@ def plan_fields(
         return
     atomic_write_text(out, text)
     typer.echo(f"wrote {out}", err=True)
+
+
+def config_reference() -> str:
+    """The Markdown reference of every plan and campaign field (here, above both schemas: the
+    config package must not import the campaign package)."""
+    from lever.campaign.schema import CampaignConfig
+    from lever.config.reference import REGENERATE, field_table, section_blocks
+    from lever.config.schema import PlanConfig
+
+    lines = [
+        "# Configuration reference",
+        "",
+        f"Generated from `lever/config/schema.py` and `lever/campaign/schema.py` by `{REGENERATE}`;",
+        "do not edit by hand (`tests/test_config_reference.py` fails when this page and the schema differ).",
+        "",
+        "A plan YAML (`lever/config/presets/`) sets any of these fields; `defaults.yaml` restates the",
+        "defaults, a plan is a diff against its `extends` parent, and `--set section.field=value` overrides",
+        "one field on the command line (`lever plan show PLAN` prints the resolved result). Unknown keys are",
+        "errors. \"allowed\" lists the bounds the loader enforces.",
+        "",
+        "## Plan: top level",
+        "",
+        *field_table(PlanConfig, ""),
+        *section_blocks(PlanConfig, "", 3),
+        "",
+        "## Campaign file",
+        "",
+        "A campaign YAML (`campaigns/`, `lever campaign run`): which plans and sweeps run against which",
+        "baseline (docs/campaigns.md).",
+        "",
+        *field_table(CampaignConfig, ""),
+        *section_blocks(CampaignConfig, "", 3),
+        "",
+    ]
+    return "\n".join(lines)

@@ -112,7 +112,7 @@ def _not_in_key(field: FieldInfo) -> bool:
     return extra.get("in_key") is False
 
 
-def _table(model: type[BaseModel], prefix: str) -> list[str]:
+def field_table(model: type[BaseModel], prefix: str) -> list[str]:
     rows = ["| field | type | default | allowed | description |", "|---|---|---|---|---|"]
     for name, field in model.model_fields.items():
         if _section_model(field.annotation) is not None:
@@ -125,7 +125,7 @@ def _table(model: type[BaseModel], prefix: str) -> list[str]:
     return rows
 
 
-def _sections(model: type[BaseModel], prefix: str, level: int) -> list[str]:
+def section_blocks(model: type[BaseModel], prefix: str, level: int) -> list[str]:
     """A heading and table per nested section, in schema order."""
     out: list[str] = []
     for name, field in model.model_fields.items():
@@ -138,39 +138,6 @@ def _sections(model: type[BaseModel], prefix: str, level: int) -> list[str]:
         if doc and doc != (field.description or "").strip():
             out += ["", " ".join(doc.split())]
         if any(_section_model(f.annotation) is None for f in sub.model_fields.values()):
-            out += [""] + _table(sub, path + ".")
-        out += _sections(sub, path + ".", min(level + 1, 4))
+            out += [""] + field_table(sub, path + ".")
+        out += section_blocks(sub, path + ".", min(level + 1, 4))
     return out
-
-
-def config_reference() -> str:
-    """The Markdown reference of every plan and campaign field."""
-    from lever.campaign.schema import CampaignConfig
-    from lever.config.schema import PlanConfig
-
-    lines = [
-        "# Configuration reference",
-        "",
-        f"Generated from `lever/config/schema.py` and `lever/campaign/schema.py` by `{REGENERATE}`;",
-        "do not edit by hand (`tests/test_config_reference.py` fails when this page and the schema differ).",
-        "",
-        "A plan YAML (`lever/config/presets/`) sets any of these fields; `defaults.yaml` restates the",
-        "defaults, a plan is a diff against its `extends` parent, and `--set section.field=value` overrides",
-        "one field on the command line (`lever plan show PLAN` prints the resolved result). Unknown keys are",
-        "errors. \"allowed\" lists the bounds the loader enforces.",
-        "",
-        "## Plan: top level",
-        "",
-        *_table(PlanConfig, ""),
-        *_sections(PlanConfig, "", 3),
-        "",
-        "## Campaign file",
-        "",
-        "A campaign YAML (`campaigns/`, `lever campaign run`): which plans and sweeps run against which",
-        "baseline (docs/campaigns.md).",
-        "",
-        *_table(CampaignConfig, ""),
-        *_sections(CampaignConfig, "", 3),
-        "",
-    ]
-    return "\n".join(lines)

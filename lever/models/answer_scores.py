@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
 from lever.models.prompting import Example, answer_weights
 
-if TYPE_CHECKING:  # pragma: no cover
-    from lever.models.lvlm import LVLM
+
+
+class AnswerScorer(Protocol):
+    """What these formulas ask of an LVLM (``lever.models.lvlm.LVLM`` has it): declared here so that
+    this module stays below the LVLM interface instead of importing it back."""
+
+    def answer_logprob(self, prompts: list[list[Example]], answers: list[str]) -> list[float]: ...
 
 __all__ = [
     "mean_token_logprob",
@@ -49,7 +54,7 @@ def geometric_mean_prob(mean_logprob: float) -> float:
     return math.exp(mean_logprob)
 
 
-def answer_prob(lvlm: "LVLM", prompts: list[list[Example]], answers: list[str]) -> list[float]:
+def answer_prob(lvlm: AnswerScorer, prompts: list[list[Example]], answers: list[str]) -> list[float]:
     """Geometric-mean probability of each answer's tokens: exp(mean log-prob)."""
     return [geometric_mean_prob(lp) for lp in lvlm.answer_logprob(prompts, answers)]
 
@@ -62,7 +67,7 @@ def infoscore_gain(p_with: float, p_without: float) -> float:
 
 
 def gt_prob_batch(
-    lvlm: "LVLM",
+    lvlm: AnswerScorer,
     prompts: list[list[Example]],
     gt_answers_raw: list[Sequence[str]],
     scorer: Optional[Callable[[list[list[Example]], list[str]], list[float]]] = None,
@@ -98,7 +103,7 @@ def weighted_gt_prob(per_answer: dict[str, float], gt_answers_raw: Sequence[str]
     return float(sum(per_answer[a] * w for a, w in answer_weights(gt_answers_raw)))
 
 
-def gt_prob(lvlm: "LVLM", prompt: list[Example], gt_answers_raw: Sequence[str]) -> float:
+def gt_prob(lvlm: AnswerScorer, prompt: list[Example], gt_answers_raw: Sequence[str]) -> float:
     """Probability of the ground truth under the LVLM, weighted by annotator counts."""
     per = gt_prob_batch(lvlm, [prompt], [gt_answers_raw])[0]
     return weighted_gt_prob(per, gt_answers_raw)
