@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from lever.pipeline.context import StageContext, UpstreamOutput
-from lever.pipeline.graph import Unit
+from lever.context import StageContext, UpstreamOutput
+from lever.context import Unit
 
 
 def tiny_plan(*overrides: str):
@@ -34,8 +34,8 @@ def tiny_lvlm():
 @functools.lru_cache(maxsize=None)
 def tiny_data() -> Path:
     """prepare-data + export-embeddings of the tiny profile, run once into a temp store."""
-    from lever.data.stage import prepare_data
-    from lever.models.embed_stage import export_embeddings
+    from lever.stages.prepare_data import prepare_data
+    from lever.stages.embeddings import export_embeddings
 
     root = Path(tempfile.mkdtemp(prefix="lever-tiny-data-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Optional, Union
 
-from lever.pipeline.graph import Unit
+from lever.context import Unit
 
 if TYPE_CHECKING:  # imported lazily: the fake-graph driver below must patch the graph first
     from lever.pipeline.runner import Pipeline
@@ -119,7 +119,7 @@ def hang_or_run(ctx) -> None:
 
 def summarize(ctx) -> None:
     """The real summarizer, with its entry recorded like the fakes'."""
-    from lever.report.stage import summarize as real  # the graph's func (graph.BY_NAME may be this fake's)
+    from lever.stages.summarize import summarize as real  # the graph's func (graph.BY_NAME may be this fake's)
 
     _entry(ctx)
     real(ctx)

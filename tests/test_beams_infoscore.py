@@ -13,7 +13,7 @@ from lever.models.prompting import icd_example, most_common_answer, query_exampl
 from lever.errors import StageError
 from lever.sampling.beam_search import check_beam_record, infoscore_beam_search, plain_scorer
 from lever.sampling.shards import shard_range
-from lever.sampling.stages import BEAMS_FILE, run_generate_beams
+from lever.stages.sampling import BEAMS_FILE, run_generate_beams
 
 from lever_tiny_env import base_inputs, stage_ctx, tiny_data, tiny_lvlm, tiny_plan
 

@@ -10,12 +10,12 @@ import pytest
 
 from lever.config import load_plan
 from lever.data.dataset import load_index, load_split, write_index, DatasetIndex
-from lever.data.stage import prepare_data
+from lever.stages.prepare_data import prepare_data
 from lever.data.synthetic import SyntheticLayout, vocabulary, write_synthetic
 from lever.metrics import normalize_answer, vqa_accuracy
 from lever.errors import StageError
-from lever.pipeline.context import StageContext
-from lever.pipeline.graph import Unit
+from lever.context import StageContext
+from lever.context import Unit
 
 
 def _digest_tree(root: Path) -> dict[str, str]:

@@ -12,13 +12,13 @@ import torch
 from lever.config import load_plan
 from lever.config.schema import EncoderConfig
 from lever.data.dataset import load_index
-from lever.data.stage import prepare_data
-from lever.models.embed_stage import export_embeddings
+from lever.stages.prepare_data import prepare_data
+from lever.stages.embeddings import export_embeddings
 from lever.models.embeddings import TENSOR_NAMES, load_embeddings, query_embedding
 from lever.models.encoder import build_encoder
 from lever.errors import StageError
-from lever.pipeline.context import StageContext, UpstreamOutput
-from lever.pipeline.graph import Unit
+from lever.context import StageContext, UpstreamOutput
+from lever.context import Unit
 
 
 @pytest.fixture(scope="module")

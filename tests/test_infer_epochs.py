@@ -12,7 +12,8 @@ import lever.models.factory as factory_mod
 import lever.selectors.checkpoint as ckpt_mod
 from lever.config import load_plan
 from lever.errors import StageError
-from lever.pipeline.graph import BY_NAME, epoch_of_variant, evaluated_epochs, infer_variants
+from lever.inference.variants import epoch_of_variant, evaluated_epochs, infer_variants
+from lever.pipeline.graph import BY_NAME
 from lever.pipeline.hashing import plan_keys
 from lever.pipeline.runner import Pipeline
 from lever.pipeline.store import LocalStore

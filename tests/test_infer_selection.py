@@ -10,7 +10,7 @@ import torch
 from lever.config import load_plan
 from lever.config.schema import SelectorConfig
 from lever.inference.selection import check_pool, choose_random, choose_retrieval, choose_selector, pools_for
-from lever.inference.stage import read_done, shard_range
+from lever.stages.inference import read_done, shard_range
 from lever.errors import StageError
 
 

@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from lever.config import load_plan
-from lever.pipeline.context import StageContext, UpstreamOutput
-from lever.pipeline.graph import Unit
+from lever.context import StageContext, UpstreamOutput
+from lever.context import Unit
 from rl_synthetic import write_training_inputs
 from lever.selectors.checkpoint import save_checkpoint
 from lever.selectors.pointer import build_selector
@@ -87,7 +87,7 @@ def _train(stage_fn, plan, stage, inputs, out, kill_at=None):
 
 @pytest.fixture(scope="module")
 def rce_setup(tmp_path_factory):
-    from lever.training.stages import train_rce
+    from lever.stages.training import train_rce
 
     root = tmp_path_factory.mktemp("rce")
     plan = load_plan("baseline", "tiny", ["rce.epochs=4", "rce.batch_size=4", "selector.dropout=0.3"])
@@ -99,7 +99,7 @@ def rce_setup(tmp_path_factory):
 
 
 def test_rce_killed_after_epoch_2_resumes_bit_identical(rce_setup):
-    from lever.training.stages import train_rce
+    from lever.stages.training import train_rce
 
     plan, inputs, full, root = rce_setup
     out = root / "killed"
@@ -118,7 +118,7 @@ def test_rce_killed_after_epoch_2_resumes_bit_identical(rce_setup):
 def test_rce_resume_needs_the_optimizer_state(rce_setup):
     """Control: resuming from the weights alone (state tensors zeroed) does not give the same
     result, so the test above really checks that the optimizer state is restored."""
-    from lever.training.stages import train_rce
+    from lever.stages.training import train_rce
 
     plan, inputs, full, root = rce_setup
     out = root / "nostate"
@@ -141,7 +141,7 @@ def test_rce_resume_needs_the_optimizer_state(rce_setup):
 
 @pytest.mark.parametrize("kill_at", [1, 2])
 def test_grpo_killed_resumes_bit_identical_with_adaptive_beta(tmp_path, kill_at):
-    from lever.training.stages import train_grpo, train_rce
+    from lever.stages.training import train_grpo, train_rce
 
     plan = load_plan("plan1", "tiny", [
         "rce.epochs=1", "grpo.epochs=3", "grpo.batch_size=4", "grpo.updates_per_round=3",
@@ -173,7 +173,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[4])
 import test_reliability_resume as t
 from lever.config import load_plan
-from lever.training.stages import train_rce
+from lever.stages.training import train_rce
 plan = load_plan("baseline", "tiny", ["rce.epochs=4", "rce.batch_size=4", "selector.dropout=0.3"])
 inputs = t._inputs(Path(sys.argv[1]), plan) if not (Path(sys.argv[1]) / "v2").exists() else t._reuse(Path(sys.argv[1]))
 stall = int(sys.argv[3])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lever.config import load_plan
-from lever.pipeline.context import StageContext
+from lever.context import StageContext
 from lever.pipeline.runner import Pipeline
 from lever.pipeline.store import LocalStore
 
@@ -46,7 +46,7 @@ def _ctx(pipe: Pipeline, stage: str, out: Path, **unit) -> StageContext:
 
 
 def test_rl_data_shard_resumes_per_query_byte_identical(pipe, tmp_path):
-    from lever.sampling.stages import RL_DATA_FILE, run_generate_rl_data
+    from lever.stages.sampling import RL_DATA_FILE, run_generate_rl_data
 
     full = tmp_path / "full"
     run_generate_rl_data(_ctx(pipe, "generate-rl-data", full))
@@ -73,7 +73,7 @@ def test_rl_data_shard_resumes_per_query_byte_identical(pipe, tmp_path):
 
 def test_infer_unit_resumes_per_query(pipe, tmp_path, monkeypatch):
     import lever.models.factory as factory_mod
-    from lever.inference.stage import PREDICTIONS, infer
+    from lever.stages.inference import PREDICTIONS, infer
 
     full = tmp_path / "full"
     infer(_ctx(pipe, "infer", full, variant="selector"))

@@ -23,7 +23,7 @@ from lever.rl.online import OnlineJudge, rollout, run_online_grpo
 from lever.rl.rewards import plan_reward
 from lever.rl.trainer import EpochRecorder
 from lever.sampling.rl_data import judge as rl_judge
-from lever.sampling.stages import make_scorer
+from lever.stages.sampling import make_scorer
 from lever.selectors.pointer import build_selector
 
 from lever_tiny_env import tiny_data, tiny_lvlm, tiny_plan
@@ -37,7 +37,7 @@ SHOTS = 2
 @pytest.fixture(scope="module")
 def env():
     from lever.data.dataset import load_index
-    from lever.training.stages import load_train_embeddings
+    from lever.stages.training import load_train_embeddings
 
     root = tiny_data()
     index = load_index(root / "prepare-data")

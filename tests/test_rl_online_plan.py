@@ -66,8 +66,8 @@ def _online_grpo_dir(tmp_path, rollout: str = "online"):
 
 
 def test_report_shows_the_online_rollouts_and_offline_reports_do_not(tmp_path):
-    from lever.pipeline.context import UpstreamOutput
-    from lever.pipeline.graph import Unit
+    from lever.context import UpstreamOutput
+    from lever.context import Unit
     from lever.report.build import online_rollouts
     from lever.report.plots import write_plots
     from lever.report.render import _online

@@ -12,7 +12,7 @@ from lever.metrics import vqa_accuracy
 from lever.models.answer_scores import weighted_gt_prob
 from lever.models.prompting import icd_example, most_common_answer, query_example
 from lever.rl.data import read_rl_data
-from lever.sampling.stages import BEAMS_FILE, RL_DATA_FILE, run_generate_beams, run_generate_rl_data
+from lever.stages.sampling import BEAMS_FILE, RL_DATA_FILE, run_generate_beams, run_generate_rl_data
 
 from lever_tiny_env import base_inputs, stage_ctx, tiny_data, tiny_lvlm, tiny_plan, upstream
 

@@ -17,8 +17,9 @@ import random
 from pathlib import Path
 
 from lever.errors import StageError
-from lever.pipeline.context import StageContext
-from lever.pipeline.graph import STAGES, Stage, epoch_of_variant
+from lever.context import StageContext
+from lever.inference.variants import epoch_of_variant
+from lever.pipeline.graph import STAGES, Stage
 
 MODULE = __name__
 

@@ -109,7 +109,7 @@ def test_oracle_prefers_same_type_and_value_then_value_then_similarity():
 
 def test_oracle_is_a_unit_only_on_synthetic_data():
     from lever.config import load_plan
-    from lever.pipeline.graph import infer_variants
+    from lever.inference.variants import infer_variants
 
     assert "oracle" in infer_variants(load_plan("baseline", "tiny"))
     assert "oracle" not in infer_variants(load_plan("baseline", "tiny", ["data.dataset=okvqa"]))

@@ -11,14 +11,14 @@ import torch
 
 from lever.config import list_plans, load_plan
 from lever.errors import StageError
-from lever.pipeline.context import StageContext, UpstreamOutput
-from lever.pipeline.graph import Unit
+from lever.context import StageContext, UpstreamOutput
+from lever.context import Unit
 from lever.pipeline.graph import stage as graph_stage
 from rl_synthetic import write_training_inputs
 from lever.rl.trainer import EPOCH_KEYS
 from lever.selectors.checkpoint import load_checkpoint, save_checkpoint
 from lever.selectors.pointer import build_selector, sequence_logprob
-from lever.training import stages as S
+from lever.stages import training as S
 
 CHAIN = ("train-v2", "train-rce", "train-grpo", "select-checkpoint", "convert")
 

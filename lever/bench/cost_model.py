@@ -237,7 +237,7 @@ def suggest_fanout(plan: Any, L: Lengths = REFERENCE_LENGTHS, A: PodAssumptions 
                           ("generate-rl-data", "rl_data.shards", plan.rl_data.num_queries or n_train)):
         total = n * q[stage]
         out[key] = int(max(1, min(A.max_pods, total // need)))
-    from lever.pipeline.graph import infer_variants
+    from lever.inference.variants import infer_variants
 
     per_unit = [min(plan.infer.num_samples, OKVQA_VAL) * q["infer"][s] for s in plan.infer.shots]
     unit_s = sum(per_unit) / len(per_unit)
@@ -252,7 +252,7 @@ def pod_table(plan: Any, L: Lengths = REFERENCE_LENGTHS, A: PodAssumptions = Pod
     """Load vs compute per GPU pod of the LVLM stages of ``plan`` as configured (shards, units per
     pod).  export-embeddings (one pod, CLIP) and the training stages (one pod each, no LVLM) are
     single pods whatever the settings."""
-    from lever.pipeline.graph import infer_variants
+    from lever.inference.variants import infer_variants
 
     q = _query_seconds(L, plan, A)
     rows = []

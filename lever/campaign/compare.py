@@ -12,7 +12,8 @@ import statistics
 from typing import Any, Sequence
 
 from lever.config.schema import PlanConfig
-from lever.pipeline.graph import STAGES, Stage, evaluated_epochs, reference_variants
+from lever.inference.variants import evaluated_epochs, reference_variants
+from lever.pipeline.graph import STAGES, Stage
 from lever.pipeline.hashing import plan_keys
 from lever.pipeline.store import CorruptArtifact, Store
 from lever.report.predictions import collect

@@ -11,31 +11,14 @@ fans out.
 from __future__ import annotations
 
 import importlib
-import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional
+from typing import Callable, Literal, Optional
 
 from lever.config.schema import PlanConfig
+from lever.context import Unit
+from lever.inference.variants import epoch_of_variant, infer_variants
 
 FanOut = Literal["none", "shard", "infer"]
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One independently stored piece of a stage's output (the whole stage, a shard, or a
-    (variant, shot, shard) inference job).  ``params`` become part of the artifact key."""
-
-    stage: str
-    params: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def id(self) -> str:
-        if not self.params:
-            return "all"
-        return "-".join(f"{k}{v}" for k, v in self.params)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return dict(self.params).get(key, default)
 
 
 @dataclass(frozen=True)
@@ -123,43 +106,11 @@ def shard_count(stage: str, plan: PlanConfig) -> int:
     return {"generate-beams": plan.beam.shards, "generate-rl-data": plan.rl_data.shards}.get(stage, 1)
 
 
-EPOCH_VARIANT = re.compile(r"^epoch([1-9][0-9]*)$")
 
 
-def grpo_epochs_trained(plan: PlanConfig) -> int:
-    """How many GRPO epochs ``train-grpo`` runs for this plan (as ``lever.training.stages``
-    decides: nothing when ``grpo.epochs`` is 0, the two curriculum phases when enabled)."""
-    g = plan.grpo
-    if g.epochs == 0:
-        return 0
-    cur = g.curriculum
-    return cur.phase1_epochs + cur.phase2_epochs if cur.enabled else g.epochs
 
 
-def evaluated_epochs(plan: PlanConfig) -> list[int]:
-    """``checkpoint.evaluate_epochs`` the plan's GRPO trains, sorted.  An epoch past the plan's
-    GRPO epoch count (plan1 run with ``--set grpo.epochs=2``) is no unit: the report lists it as
-    not trained instead of the run failing on a checkpoint that cannot exist."""
-    total = grpo_epochs_trained(plan)
-    return sorted(e for e in plan.checkpoint.evaluate_epochs if e <= total)
 
-
-def epoch_of_variant(variant: object) -> Optional[int]:
-    """N for an ``epoch{N}`` inference variant (GRPO epoch N's checkpoint), else None."""
-    m = EPOCH_VARIANT.match(str(variant))
-    return int(m.group(1)) if m else None
-
-
-def infer_variants(plan: PlanConfig) -> list[str]:
-    """'selector' is the plan's own chosen checkpoint; ``epoch{N}`` the GRPO epoch-N checkpoints
-    of ``checkpoint.evaluate_epochs``; the others are reference baselines."""
-    return ["selector"] + [f"epoch{e}" for e in evaluated_epochs(plan)] + reference_variants(plan)
-
-
-def reference_variants(plan: PlanConfig) -> list[str]:
-    """``infer.baselines`` this plan can evaluate: the oracle knows the synthetic generator's
-    planted labels, so on real data (a tiny profile pointed at OKVQA, say) it is no unit."""
-    return [b for b in plan.infer.baselines if b != "oracle" or plan.data.dataset == "synthetic"]
 
 
 def _infer_inputs(unit: Unit) -> tuple[str, ...]:
@@ -192,41 +143,41 @@ GUARD_FIELDS: tuple[str, ...] = ("alerts.guard", "alerts.kl_max", "alerts.kl_gro
                                  "alerts.val_loss_rising_epochs")
 
 STAGES: tuple[Stage, ...] = (
-    Stage("prepare-data", "lever.data.stage:prepare_data", (), ("data",),
+    Stage("prepare-data", "lever.stages.prepare_data:prepare_data", (), ("data",),
           version=2,  # 2: synthetic generator v5 (planted code-word signal, planted_value annotations)
           description="normalized dataset index (train/val, fixed question_id order)"),
-    Stage("export-embeddings", "lever.models.embed_stage:export_embeddings", ("prepare-data",), ("encoder",),
+    Stage("export-embeddings", "lever.stages.embeddings:export_embeddings", ("prepare-data",), ("encoder",),
           gpu=True, version=2,  # 2: the tiny CLIP spreads its image embeddings (encoder._spread)
           description="query/candidate CLIP-style embeddings (safetensors)"),
-    Stage("generate-beams", "lever.sampling.stages:generate_beams", ("prepare-data", "export-embeddings"),
+    Stage("generate-beams", "lever.stages.sampling:generate_beams", ("prepare-data", "export-embeddings"),
           ("sampler", "lvlm", "beam", "seed"), fanout="shard", gpu=True,
           description="InfoScore beam search with the LVLM, sharded by query range"),
-    Stage("train-v2", "lever.training.stages:train_v2", ("export-embeddings", "generate-beams"),
+    Stage("train-v2", "lever.stages.training:train_v2", ("export-embeddings", "generate-beams"),
           ("selector", "v2", "seed"), gpu=True, description="v2 pointer selector, CE on the beams"),
-    Stage("generate-rl-data", "lever.sampling.stages:generate_rl_data",
+    Stage("generate-rl-data", "lever.stages.sampling:generate_rl_data",
           ("prepare-data", "export-embeddings", "generate-beams", "train-v2"),
           ("sampler", "lvlm", "rl_data", "seed"), fanout="shard", gpu=True,
           description="RL groups from beams, v2, retrieval and random sources, judged by the LVLM"),
-    Stage("train-rce", "lever.training.stages:train_rce", ("export-embeddings", "generate-rl-data", "train-v2"),
+    Stage("train-rce", "lever.stages.training:train_rce", ("export-embeddings", "generate-rl-data", "train-v2"),
           ("selector", "reward", "rce", "validation", "seed"), gpu=True,
           description="reward-weighted CE from the v2 weights"),
-    Stage("train-grpo", "lever.training.stages:train_grpo",
+    Stage("train-grpo", "lever.stages.training:train_grpo",
           ("export-embeddings", "generate-rl-data", "train-rce", "train-v2"),
           ("selector", "reward", "grpo", "validation", "seed") + GUARD_FIELDS, gpu=True,
           description="GRPO from the RCE result (online rollouts: judged by the LVLM during training)",
           optional_inputs=("prepare-data",), plan_extra=_grpo_extra, provisioned=True),
-    Stage("select-checkpoint", "lever.training.stages:select_checkpoint", ("train-v2", "train-rce", "train-grpo"),
+    Stage("select-checkpoint", "lever.stages.training:select_checkpoint", ("train-v2", "train-rce", "train-grpo"),
           ("checkpoint", "selector_source"), description="pick the checkpoint (val_loss | val_reward | last | epoch)"),
-    Stage("convert", "lever.training.stages:convert", ("select-checkpoint",), (),
+    Stage("convert", "lever.stages.training:convert", ("select-checkpoint",), (),
           description="v3 checkpoint -> v2 layout for inference"),
-    Stage("infer", "lever.inference.stage:infer",
+    Stage("infer", "lever.stages.inference:infer",
           ("prepare-data", "export-embeddings", "convert", "train-v2", "train-grpo"),
           # not the whole infer section: shots/baselines/shards only pick units (and the unit params
           # carry shot, variant, shard, of), so a plan with other shots still shares each unit
           ("lvlm", "infer.split", "infer.num_samples", "infer.pool", "infer.retrieve_top_n", "infer.seed"),
           fanout="infer", gpu=True, unit_inputs=_infer_inputs,
           description="predictions per (variant, shot, shard)"),
-    Stage("summarize", "lever.report.stage:summarize",
+    Stage("summarize", "lever.stages.summarize:summarize",
           ("infer", "generate-rl-data", "train-rce", "train-grpo", "select-checkpoint"),
           ("name", "baseline_plan", "report", "infer.shots", "checkpoint.evaluate_epochs",
            "alerts.regression_margin", "alerts.regression_rule"),

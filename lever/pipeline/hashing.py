@@ -25,7 +25,8 @@ from typing import Optional, Sequence
 
 from lever.config.loader import config_hash
 from lever.config.schema import PlanConfig
-from lever.pipeline.graph import STAGES, Stage, Unit
+from lever.context import Unit
+from lever.pipeline.graph import STAGES, Stage
 
 #: bump when the key recipe or the manifest layout changes incompatibly (old artifacts are then
 #: simply not found, never misread)

@@ -26,8 +26,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 from lever.config.schema import PlanConfig
 from lever.errors import StageError
 from lever.pipeline.backends import open_store
-from lever.pipeline.context import StageContext, UpstreamOutput, _NullTelemetry
-from lever.pipeline.graph import STAGES, Stage, Unit
+from lever.context import StageContext, UpstreamOutput, _NullTelemetry
+from lever.context import Unit
+from lever.pipeline.graph import STAGES, Stage
 from lever.pipeline.hashing import PlanKeys, artifact_key, full_config_hash, plan_keys
 from lever.pipeline.lease import (
     HeldLease,

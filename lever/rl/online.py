@@ -57,7 +57,7 @@ class OnlineJudge:
     """Verdicts of (train item, ICD ids) through the LVLM, with the judged-sequence cache.
 
     ``index_train`` is the dataset's train split (global id -> record); ``scorer`` the scoring
-    path generate-rl-data uses (``lever.sampling.stages.make_scorer``).
+    path generate-rl-data uses (``lever.stages.sampling.make_scorer``).
     """
 
     lvlm: Any
@@ -86,8 +86,7 @@ class OnlineJudge:
     def verdicts(self, qid: int, seqs: list[tuple[int, ...]]) -> list[dict]:
         """One verdict per sequence (global ICD ids), in order; only sequences the cache lacks reach
         the LVLM, in one batched :func:`~lever.sampling.rl_data.judge` call."""
-        from lever.sampling.rl_data import judge
-        from lever.sampling.stages import _reset
+        from lever.sampling.rl_data import judge, reset_scorer
 
         t0 = time.monotonic()
         rec = self.index_train[qid]
@@ -103,7 +102,7 @@ class OnlineJudge:
             else:
                 todo.append(s)
         if todo:
-            _reset(self.scorer)  # per-query scorer state starts empty, as in generate-rl-data
+            reset_scorer(self.scorer)  # per-query scorer state starts empty, as in generate-rl-data
             y = most_common_answer(rec.answers)
             p0 = self._p0(qid, rec, y)
             query = query_example(rec)

@@ -175,6 +175,15 @@ def _failed(err: BaseException) -> dict[str, Any]:
     }
 
 
+def reset_scorer(scorer: Any) -> None:
+    """Per-query scorer state (the fast path's vision cache) starts empty: a query's output is
+    then independent of the queries before it, which resume byte-identity relies on (beams, RL
+    data and online rollouts alike)."""
+    reset = getattr(scorer, "reset", None)
+    if reset is not None:
+        reset()
+
+
 def judge(
     lvlm: LVLM, prompts: list[list[Example]], gt_raw: Sequence[str], y: str, p0: float,
     scorer: Optional[Scorer] = None, max_new_tokens: Optional[int] = None,

@@ -12,7 +12,7 @@ from lever.config.schema import DataConfig
 from lever.data.dataset import DatasetIndex, load_split, write_index
 from lever.data.synthetic import SyntheticLayout, write_synthetic
 from lever.errors import StageError
-from lever.pipeline.context import StageContext
+from lever.context import StageContext
 
 
 def _official(cfg: DataConfig) -> DatasetIndex:

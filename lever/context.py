@@ -1,4 +1,7 @@
-"""What a stage function receives.
+"""What a stage function receives: the contract between the stages and the executors.
+
+It sits at the bottom of the package (beside ``errors``) so that stage functions, the report code
+that reads upstream artifacts and the pipeline that builds them all import it downward.
 
 A stage is ``def stage(ctx: StageContext) -> None``: it reads ``ctx.inputs`` (local directories
 of finished upstream artifacts) and writes files into ``ctx.out``.  ``ctx.out`` is a staging
@@ -17,7 +20,24 @@ from typing import Any, Optional
 
 from lever.config.schema import PlanConfig
 from lever.errors import StageError
-from lever.pipeline.graph import Unit
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One independently stored piece of a stage's output (the whole stage, a shard, or a
+    (variant, shot, shard) inference job).  ``params`` become part of the artifact key."""
+
+    stage: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def id(self) -> str:
+        if not self.params:
+            return "all"
+        return "-".join(f"{k}{v}" for k, v in self.params)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return dict(self.params).get(key, default)
 
 
 @dataclass

@@ -16,8 +16,8 @@ import torch
 
 from lever.io import atomic_write_bytes
 from lever.errors import StageError
-from lever.pipeline.context import StageContext
-from lever.rl.curriculum import bucket_counts, phase1_indices, positive_indices, quality_buckets
+from lever.context import StageContext
+from lever.rl.curriculum import bucket_counts, grpo_epochs_trained, phase1_indices, positive_indices, quality_buckets
 from lever.rl.data import read_rl_data, rl_data_stats
 from lever.rl.groups import GroupData, build_groups
 from lever.rl.grpo import frozen_copy, run_grpo
@@ -220,10 +220,9 @@ def _train_grpo(ctx: StageContext) -> None:
     if _already_stopped(ctx):
         return
     rec = EpochRecorder(ctx.out, ctx.telemetry, epoch_hooks(ctx))
-    cur = g.curriculum
-    total = (cur.phase1_epochs + cur.phase2_epochs) if cur.enabled else g.epochs
-    if g.epochs == 0 or total == 0:
+    if grpo_epochs_trained(plan) == 0:
         return
+    cur = g.curriculum
     emb = load_train_embeddings(ctx.input("export-embeddings").path).to(training_device())
     model, start = _grpo_start(ctx)
     _check_dims(model, emb, start)
@@ -299,7 +298,7 @@ def online_judge(ctx: StageContext) -> Any:
     from lever.models.factory import plan_lvlm
     from lever.rl.judge_cache import DirBackend, JudgeCache, namespace
     from lever.rl.online import OnlineJudge
-    from lever.sampling.stages import make_scorer
+    from lever.stages.sampling import make_scorer
 
     data_dir = ctx.input("prepare-data").path
     index = load_stage_index(ctx)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from lever.pipeline.context import StageContext
+from lever.context import StageContext
 from lever.io import atomic_write_bytes
 from lever.report.build import build_report
 from lever.report.plots import write_plots

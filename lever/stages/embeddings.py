@@ -18,7 +18,7 @@ from lever.data.dataset import VQARecord, load_stage_index
 from lever.models.embeddings import Embeddings, query_embedding, save_embeddings
 from lever.models.encoder import Encoder, build_encoder
 from lever.errors import StageError
-from lever.pipeline.context import StageContext
+from lever.context import StageContext
 
 
 def _open_image(rec: VQARecord) -> Image.Image:

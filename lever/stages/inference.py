@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lever.errors import StageError
-from lever.pipeline.context import StageContext
-from lever.pipeline.graph import epoch_of_variant
+from lever.context import StageContext
+from lever.inference.variants import epoch_of_variant
 from lever.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 PREDICTIONS = "predictions.jsonl"

@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from lever.models.prompting import icd_example, most_common_answer, query_example
 from lever.errors import StageError
-from lever.pipeline.context import StageContext
+from lever.context import StageContext
 from lever.sampling.beam_search import beam_record, infoscore_beam_search, plain_scorer
-from lever.sampling.rl_data import QueryInputs, query_record
+from lever.sampling.rl_data import QueryInputs, query_record, reset_scorer
 from lever.sampling.shards import ResumableJsonl, shard_range
 
 log = logging.getLogger(__name__)
@@ -42,14 +42,6 @@ def make_scorer(lvlm: Any, fast: bool):
         else:
             return FastScorer(lvlm)
     return plain_scorer(lvlm)
-
-
-def _reset(scorer: Any) -> None:
-    """Per-query scorer state (the fast path's vision cache) starts empty: a query's output is
-    then independent of the queries before it, which resume byte-identity relies on."""
-    reset = getattr(scorer, "reset", None)
-    if reset is not None:
-        reset()
 
 
 def _load_common(ctx: StageContext):
@@ -93,7 +85,7 @@ def run_generate_beams(ctx: StageContext, lvlm: Any = None, hook: Optional[Query
         scorer = make_scorer(lvlm, plan.lvlm.fast)
         for qid in _progress(ctx, queries, len(out.done), f"beams shard {ctx.unit.get('shard', 0)}"):
             rec = index.train[qid]
-            _reset(scorer)
+            reset_scorer(scorer)
             pool_ids = build_pool_from_config(plan.sampler, qid, emb, plan.seed)
             pool = [icd_example(index.train[g]) for g in pool_ids]
             beams, _ = infoscore_beam_search(
@@ -167,7 +159,7 @@ def run_generate_rl_data(ctx: StageContext, lvlm: Any = None, hook: Optional[Que
         cand = emb.candidates
         for qid in _progress(ctx, queries, len(out.done), f"rl-data shard {ctx.unit.get('shard', 0)}"):
             rec = index.train[qid]
-            _reset(scorer)
+            reset_scorer(scorer)
             beam_rec = beams.get(qid)
             pool_ids = list(beam_rec["pool"]) if beam_rec else build_pool_from_config(plan.sampler, qid, emb, plan.seed)
             if len(pool_ids) < cfg.shots:
