@@ -39,6 +39,34 @@ class Unit:
     def get(self, key: str, default: Any = None) -> Any:
         return dict(self.params).get(key, default)
 
+    # typed views of the parameters the graph gives fanned-out units (shard units: shard, of;
+    # inference units: variant, shot, shard, of), so stage code never casts them itself
+    @property
+    def shard(self) -> int:
+        """This unit's shard index (0 for a stage that is not sharded)."""
+        return int(self.get("shard", 0))
+
+    @property
+    def of(self) -> int:
+        """How many shards the stage has (1 when not sharded)."""
+        return int(self.get("of", 1))
+
+    @property
+    def variant(self) -> str:
+        """An inference unit's variant (selector, epoch{N}, random, retrieval, oracle)."""
+        v = self.get("variant")
+        if v is None:
+            raise KeyError(f"unit {self.stage}/{self.id} has no variant")
+        return str(v)
+
+    @property
+    def shot(self) -> int:
+        """An inference unit's number of ICDs."""
+        v = self.get("shot")
+        if v is None:
+            raise KeyError(f"unit {self.stage}/{self.id} has no shot")
+        return int(v)
+
 
 @dataclass
 class UpstreamOutput:

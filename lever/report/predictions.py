@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from lever.context import Unit
 from lever.errors import StageError
 
 #: fields of an evaluated row (a row with ``eval_failed: true`` needs only the first three)
@@ -54,17 +55,17 @@ def read_predictions(path: Path) -> Iterable[dict]:
     yield from read_predictions_checked(path)
 
 
-def collect(units: Iterable[tuple[object, Path]], variants: Iterable[str] | None = None) -> dict[tuple[str, int], Cell]:
+def collect(units: Iterable[tuple[Unit, Path]], variants: Iterable[str] | None = None) -> dict[tuple[str, int], Cell]:
     """Cells keyed (variant, shot) from ``(unit, dir)`` pairs of the infer stage."""
     wanted = set(variants) if variants is not None else None
     cells: dict[tuple[str, int], Cell] = {}
     for unit, d in units:
-        variant, shot = unit.get("variant"), int(unit.get("shot"))
+        variant, shot = unit.variant, unit.shot
         if wanted is not None and variant not in wanted:
             continue
         cell = cells.setdefault((variant, shot), Cell(variant, shot))
         cell.shards += 1
-        cell.shards_expected = int(unit.get("of") or 1)
+        cell.shards_expected = unit.of
         path = Path(d) / "predictions.jsonl"
         skipped = Path(d) / "skipped.json"
         if skipped.exists():

@@ -143,8 +143,8 @@ def infer(ctx: StageContext) -> None:
     from lever.models.prompting import icd_example, query_example
 
     cfg = ctx.plan.infer
-    variant, shot = str(ctx.unit.get("variant")), int(ctx.unit.get("shot"))
-    shard, of = int(ctx.unit.get("shard", 0)), int(ctx.unit.get("of", 1))
+    variant, shot = ctx.unit.variant, ctx.unit.shot
+    shard, of = ctx.unit.shard, ctx.unit.of
     index = load_stage_index(ctx)
     emb = load_embeddings(ctx.input("export-embeddings").path)
     queries = index.split(cfg.split)

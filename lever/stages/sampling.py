@@ -58,7 +58,7 @@ def _query_range(n_train: int, num_queries: Optional[int], ctx: StageContext, se
     n = n_train if num_queries is None else num_queries
     if n > n_train:
         raise StageError(f"{section}.num_queries={n} exceeds the {n_train} train items of the dataset")
-    return shard_range(n, int(ctx.unit.get("shard", 0)), int(ctx.unit.get("of", 1)))
+    return shard_range(n, ctx.unit.shard, ctx.unit.of)
 
 
 def _progress(ctx: StageContext, queries: range, done: int, desc: str):
@@ -83,7 +83,7 @@ def run_generate_beams(ctx: StageContext, lvlm: Any = None, hook: Optional[Query
             return out.path
         lvlm = lvlm or plan_lvlm(plan)
         scorer = make_scorer(lvlm, plan.lvlm.fast)
-        for qid in _progress(ctx, queries, len(out.done), f"beams shard {ctx.unit.get('shard', 0)}"):
+        for qid in _progress(ctx, queries, len(out.done), f"beams shard {ctx.unit.shard}"):
             rec = index.train[qid]
             reset_scorer(scorer)
             pool_ids = build_pool_from_config(plan.sampler, qid, emb, plan.seed)
@@ -157,7 +157,7 @@ def run_generate_rl_data(ctx: StageContext, lvlm: Any = None, hook: Optional[Que
         scorer = make_scorer(lvlm, plan.lvlm.fast)
         selector = _load_selector(ctx)
         cand = emb.candidates
-        for qid in _progress(ctx, queries, len(out.done), f"rl-data shard {ctx.unit.get('shard', 0)}"):
+        for qid in _progress(ctx, queries, len(out.done), f"rl-data shard {ctx.unit.shard}"):
             rec = index.train[qid]
             reset_scorer(scorer)
             beam_rec = beams.get(qid)
