@@ -160,3 +160,16 @@ def test_a_stage_version_bump_rebuilds_that_stage_and_after(tmp_path, fake_log):
     rerun = {c[1] for c in read_log(fake_log)[n0:]}
     assert "generate-rl-data" in rerun and "train-rce" in rerun and "train-grpo" in rerun
     assert not rerun & {"prepare-data", "export-embeddings", "generate-beams", "train-v2"}
+
+
+def test_units_carry_typed_parameters():
+    """Stage code reads shard/of/variant/shot through typed properties, never by casting the raw
+    parameter tuple; a unit without a parameter says which one is missing."""
+    from lever.context import Unit
+
+    u = Unit("infer", (("variant", "epoch2"), ("shot", 3), ("shard", 1), ("of", 2)))
+    assert (u.variant, u.shot, u.shard, u.of) == ("epoch2", 3, 1, 2)
+    whole = Unit("train-v2")
+    assert (whole.shard, whole.of) == (0, 1)
+    with pytest.raises(KeyError, match="train-v2/all has no shot"):
+        whole.shot
