@@ -11,7 +11,7 @@ import pytest
 
 from lever.campaign.loader import load_and_resolve
 from lever.campaign.run import run_campaign
-from lever.pipeline.store import LocalStore
+from lever.storage.store import LocalStore
 from test_runner_fakes import fake_stages, read_log
 
 SMALL = '["infer.num_samples=20", "infer.shards=2", "report.bootstrap_samples=200"]'

@@ -18,7 +18,7 @@ import pytest
 
 from lever.config import load_plan
 from lever.pipeline.runner import Pipeline, load_baseline
-from lever.pipeline.s3 import S3Store
+from lever.storage.s3 import S3Store
 from s3_server import TEST_KEY_ID, TEST_SECRET, client, moto_s3
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

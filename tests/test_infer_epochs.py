@@ -16,7 +16,7 @@ from lever.inference.variants import epoch_of_variant, evaluated_epochs, infer_v
 from lever.pipeline.graph import BY_NAME
 from lever.pipeline.hashing import plan_keys
 from lever.pipeline.runner import Pipeline
-from lever.pipeline.store import LocalStore
+from lever.storage.store import LocalStore
 from test_infer_stage import ScriptedLVLM
 
 SMALL = ["infer.num_samples=8", "infer.shards=1", "infer.shots=[1,2]", "lvlm.batch_size=4"]

@@ -10,7 +10,7 @@ import pytest
 import lever.models.factory as factory_mod
 from lever.config import load_plan
 from lever.pipeline.runner import Pipeline
-from lever.pipeline.store import LocalStore
+from lever.storage.store import LocalStore
 
 
 class Killed(BaseException):

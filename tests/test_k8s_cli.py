@@ -266,7 +266,7 @@ def test_logs_of_a_stage_and_a_unit(kube, capsys):
 
 
 def _commit_report(store_dir, key: str, average_diff: float) -> None:
-    from lever.pipeline.backends import open_store
+    from lever.storage.backends import open_store
 
     st = open_store(str(store_dir))
     with st.staging(key) as stg:

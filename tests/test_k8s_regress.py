@@ -137,7 +137,7 @@ def test_cli_finds_the_report_in_the_store(tmp_path):
     """The report is located by the summarize unit's content key (the runner's own keys)."""
     from lever.config import load_plan
     from lever.pipeline.runner import Pipeline
-    from lever.pipeline.backends import open_store
+    from lever.storage.backends import open_store
 
     store = open_store(str(tmp_path / "store"))
     pipe = Pipeline(load_plan("plan5", "tiny"), store, baseline=load_plan("baseline", "tiny"))

@@ -113,7 +113,7 @@ class LocalBackend:
         return {}  # the default stage delays: local units take milliseconds otherwise
 
     def store(self):
-        from lever.pipeline.store import LocalStore
+        from lever.storage.store import LocalStore
 
         return LocalStore(self.root)
 
@@ -126,7 +126,7 @@ class LocalBackend:
                 for p in (self.root / area).rglob("*") if p.is_file()]
 
     def verify_all(self) -> None:
-        from lever.pipeline.store import LocalStore
+        from lever.storage.store import LocalStore
 
         fresh = LocalStore(self.root)
         for key in self.manifests():
@@ -174,7 +174,7 @@ class S3Backend:
         """A store for the test itself, with a fresh cache, through its own proxy."""
         import boto3
 
-        from lever.pipeline.s3 import S3Store
+        from lever.storage.s3 import S3Store
 
         client = boto3.client("s3", endpoint_url=self.proxies["test"].url, region_name="us-east-1",
                               aws_access_key_id=TEST_KEY_ID, aws_secret_access_key=TEST_SECRET)

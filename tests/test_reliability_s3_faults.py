@@ -14,8 +14,8 @@ import uuid
 
 import pytest
 
-from lever.pipeline.s3 import S3Store
-from lever.pipeline.store import CorruptArtifact, StoreError
+from lever.storage.s3 import S3Store
+from lever.storage.store import CorruptArtifact, StoreError
 from s3_faults import Fault
 from s3_server import moto_s3_behind_proxy
 

@@ -15,7 +15,7 @@ import pytest
 from lever.config import load_plan
 from lever.context import StageContext
 from lever.pipeline.runner import Pipeline
-from lever.pipeline.store import LocalStore
+from lever.storage.store import LocalStore
 
 SMALL = ["infer.num_samples=8", "report.bootstrap_samples=100", "beam.num_queries=5", "rl_data.num_queries=5",
          "infer.shots=[2]", "lvlm.warmup_steps=0", "beam.shards=1", "rl_data.shards=1", "infer.shards=1",

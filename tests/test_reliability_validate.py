@@ -13,7 +13,7 @@ from lever.cli import main
 from lever.config import load_plan
 from lever.errors import StageError
 from lever.pipeline.runner import Pipeline
-from lever.pipeline.store import LocalStore
+from lever.storage.store import LocalStore
 from rl_synthetic import synthetic_embeddings, write_embeddings_dir
 from lever.selectors.checkpoint import save_checkpoint
 from lever.selectors.pointer import build_selector

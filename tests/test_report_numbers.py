@@ -9,7 +9,7 @@ import pytest
 
 from lever.config import load_plan
 from lever.pipeline.runner import Pipeline, load_baseline, run_plan
-from lever.pipeline.store import LocalStore
+from lever.storage.store import LocalStore
 from lever.report.bootstrap import paired_bootstrap
 from lever.campaign.compare import compare_plans, render_markdown
 from test_runner_fakes import fake_stages

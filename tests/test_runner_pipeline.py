@@ -11,7 +11,7 @@ import pytest
 from lever.config import load_plan
 from lever.errors import StageError
 from lever.pipeline.runner import Pipeline, load_baseline, run_plan, stage_closure
-from lever.pipeline.store import LocalStore
+from lever.storage.store import LocalStore
 from test_runner_fakes import fake_stages, read_log
 
 SMALL = ["infer.num_samples=20", "infer.shards=2", "infer.shots=[1,2]", "report.bootstrap_samples=200"]

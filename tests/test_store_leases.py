@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from lever.pipeline.lease import (
+from lever.storage.lease import (
     FileLeases,
     HeldLease,
     LeaseError,
@@ -30,8 +30,8 @@ from lever.pipeline.lease import (
     NoLeases,
     _expired,
 )
-from lever.pipeline.s3 import S3Store
-from lever.pipeline.store import CorruptArtifact, LocalStore
+from lever.storage.s3 import S3Store
+from lever.storage.store import CorruptArtifact, LocalStore
 from s3_faults import FaultProxy
 from s3_server import moto_s3_behind_proxy
 
@@ -106,7 +106,7 @@ def test_record_describes_its_holder():
 _HOLDER = """
 import sys, time
 from pathlib import Path
-from lever.pipeline.lease import FileLeases, LeaseRecord
+from lever.storage.lease import FileLeases, LeaseRecord
 b = FileLeases(Path(sys.argv[1]))
 ok, _ = b.try_acquire(LeaseRecord.new("infer/k1", {"run_id": "holder", "host": "h", "pid": 0}, 60.0))
 Path(sys.argv[2]).write_text("held" if ok else "busy")
@@ -202,7 +202,7 @@ def _store(bucket: str, tmp_path: Path, name: str) -> S3Store:
 
 
 def _leases(store: S3Store):
-    from lever.pipeline.s3_leases import S3Leases
+    from lever.storage.s3_leases import S3Leases
 
     return S3Leases(store, FAST)
 
@@ -409,14 +409,14 @@ def _dead_holder(root: Path, key: str, days: float) -> None:
     """A process that took a lease ``days`` ago (its last heartbeat) and died without releasing it."""
     t = time.time() - days * 86400
     code = ("import os, sys; from pathlib import Path; "
-            "from lever.pipeline.lease import FileLeases, LeaseRecord; "
+            "from lever.storage.lease import FileLeases, LeaseRecord; "
             f"FileLeases(Path(sys.argv[1])).try_acquire(LeaseRecord({key!r}, 'tok', {{'run_id': 'killed'}}, {t}, {t}, 60.0)); "
             "os._exit(0)")
     subprocess.run([sys.executable, "-c", code, str(root)], check=True, timeout=60)
 
 
 def test_s3_gc_keeps_what_a_live_lease_names(s3, tmp_path):
-    from lever.pipeline.gc import apply_gc, plan_gc
+    from lever.storage.gc import apply_gc, plan_gc
 
     _, _, direct, bucket = s3
     store = _store(bucket, tmp_path, "a")

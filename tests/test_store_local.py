@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from lever.pipeline.backends import open_store
-from lever.pipeline.store import MANIFEST, CorruptArtifact, LocalStore, StagingBusy, sha256_file
+from lever.storage.backends import open_store
+from lever.storage.store import MANIFEST, CorruptArtifact, LocalStore, StagingBusy, sha256_file
 
 
 def _build(store: LocalStore, key: str, files: dict[str, bytes]) -> dict:

@@ -8,9 +8,9 @@ import pytest
 
 from lever.config import load_plan
 from lever.pipeline.runner import Pipeline, load_baseline, run_plan
-from lever.pipeline.backends import open_store
-from lever.pipeline.s3 import S3Store
-from lever.pipeline.store import CorruptArtifact
+from lever.storage.backends import open_store
+from lever.storage.s3 import S3Store
+from lever.storage.store import CorruptArtifact
 from s3_server import client, moto_s3
 from test_runner_fakes import fake_stages, read_log
 

@@ -15,7 +15,7 @@ from lever.config.schema import PlanConfig
 from lever.inference.variants import evaluated_epochs, reference_variants
 from lever.pipeline.graph import STAGES, Stage
 from lever.pipeline.hashing import plan_keys
-from lever.pipeline.store import CorruptArtifact, Store
+from lever.storage.store import CorruptArtifact, Store
 from lever.report.predictions import collect
 
 MISSING = "—"

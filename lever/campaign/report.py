@@ -21,7 +21,7 @@ from lever.config.schema import PlanConfig
 from lever.io import atomic_write_bytes
 from lever.pipeline.graph import STAGES, Stage
 from lever.pipeline.hashing import plan_keys
-from lever.pipeline.store import CorruptArtifact, Store
+from lever.storage.store import CorruptArtifact, Store
 from lever.report.predictions import collect
 
 SCHEMA = 1

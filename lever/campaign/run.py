@@ -5,7 +5,7 @@ LVLM once for the whole campaign).  Sharing needs no campaign-specific code: a u
 only on what it reads, so the upstream units members have in common (data, embeddings, beams,
 v2, RL data, RCE, reference inferences, the baseline) have one key and are built by the first
 member that needs them and found in the store by the others.  The runner builds each unit under
-its store lease (``lever.pipeline.lease``), so two campaign processes, or a campaign and a
+its store lease (``lever.storage.lease``), so two campaign processes, or a campaign and a
 ``lever run`` on the same store, still build every unit once.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 from lever.campaign.loader import Campaign
 from lever.pipeline.graph import STAGES, Stage
 from lever.pipeline.runner import WorkerPool, default_jobs, gpu_count, new_run_id, run_plan
-from lever.pipeline.store import Store
+from lever.storage.store import Store
 
 
 @dataclass

@@ -45,7 +45,7 @@ def run_cmd(
 
     from lever.campaign.loader import load_and_resolve
     from lever.campaign.run import run_campaign
-    from lever.pipeline.store import StoreError
+    from lever.storage.store import StoreError
 
     _setup_logging(verbose)
     console = Console(stderr=True)
@@ -99,7 +99,7 @@ def report_cmd(
     """(Re)write the leaderboard from the store (members not finished yet are listed as missing)."""
     from lever.campaign.loader import load_and_resolve
     from lever.campaign.report import write_leaderboard
-    from lever.pipeline.store import StoreError
+    from lever.storage.store import StoreError
 
     _setup_logging(verbose)
     camp, runs = load_and_resolve(file, profile)

@@ -175,8 +175,8 @@ def _load_report(report: Optional[Path], store: Optional[str], plan: str, baseli
     from lever.config import load_plan
     from lever.pipeline.graph import STAGES
     from lever.pipeline.runner import Pipeline
-    from lever.pipeline.backends import open_store
-    from lever.pipeline.store import CorruptArtifact
+    from lever.storage.backends import open_store
+    from lever.storage.store import CorruptArtifact
 
     from lever.pipeline.runner import baseline_overrides
 

@@ -29,7 +29,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def _open(store: Optional[str]):
     from lever.errors import StageError
-    from lever.pipeline.backends import open_store
+    from lever.storage.backends import open_store
 
     try:
         return open_store(store)
@@ -113,7 +113,7 @@ def stage_cmd(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run one stage of a plan (all units, or the selected ones), skipping committed artifacts."""
-    from lever.pipeline.store import StoreError
+    from lever.storage.store import StoreError
 
     _setup_logging(verbose)
     set_ = _all_overrides(set_, overrides, overrides_role)
@@ -190,7 +190,7 @@ def _run(plan, profile, store, set_, jobs, run_id, force, fresh, no_baseline, dr
 
     from lever.config import load_plan
     from lever.pipeline.runner import Pipeline, load_baseline, run_plan, stage_closure
-    from lever.pipeline.store import StoreError
+    from lever.storage.store import StoreError
 
     _setup_logging(verbose)
     console = Console(stderr=True)
@@ -234,7 +234,7 @@ def report_cmd(
 ) -> None:
     """Write (or find) the plan's report from what the store holds and print its path; with
     ``--fetch DIR``, download a cluster run's report (found through its Workflow) into DIR."""
-    from lever.pipeline.store import StoreError
+    from lever.storage.store import StoreError
 
     _setup_logging(verbose)
     if fetch is not None:

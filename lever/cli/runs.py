@@ -80,7 +80,7 @@ def report_location(params: dict[str, str], run_id: str, *, partial: bool, store
     from lever.config import load_plan
     from lever.config.loader import parse_overrides
     from lever.pipeline.runner import Pipeline, load_baseline
-    from lever.pipeline.backends import open_store
+    from lever.storage.backends import open_store
 
     url = store or params.get("store")
     if not url:
@@ -422,7 +422,7 @@ def delete_cmd(
 def fetch_report(run: str, dest: Path, *, namespace: Optional[str], store: Optional[str],
                  kubeconfig: Optional[Path] = None, context: Optional[str] = None) -> Path:
     """Copy a run's report (report.md, report.json, plots/) from the store into ``dest``."""
-    from lever.pipeline.store import MANIFEST, CorruptArtifact, StoreError
+    from lever.storage.store import MANIFEST, CorruptArtifact, StoreError
     from lever.platform import kube
     from lever.platform.runs import run_status
 

@@ -20,7 +20,7 @@ def _mib(n: int) -> str:
 
 
 def _age(seconds: float) -> str:
-    from lever.pipeline.lease import _ago
+    from lever.storage.lease import _ago
 
     return _ago(seconds)
 
@@ -35,8 +35,8 @@ def locks_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from lever.pipeline.lease import iter_live
-    from lever.pipeline.store import StoreError
+    from lever.storage.lease import iter_live
+    from lever.storage.store import StoreError
 
     st = _open(store)
     try:
@@ -78,8 +78,8 @@ def gc_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from lever.pipeline.gc import apply_gc, parse_age, plan_gc
-    from lever.pipeline.store import StoreError
+    from lever.storage.gc import apply_gc, parse_age, plan_gc
+    from lever.storage.store import StoreError
 
     age = parse_age(older_than)
     st = _open(store)

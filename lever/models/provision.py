@@ -126,8 +126,8 @@ def _check_marker(directory: Path, ref: ModelRef) -> None:
 
 
 def _from_store(store_url: str, key: str, ref: ModelRef) -> Path:
-    from lever.pipeline.backends import open_store
-    from lever.pipeline.store import CorruptArtifact
+    from lever.storage.backends import open_store
+    from lever.storage.store import CorruptArtifact
 
     store = open_store(store_url)
     try:
@@ -185,7 +185,7 @@ def resolve(ref: ModelRef, root: Optional[str]) -> Path:
     looked: list[str] = []
     if root:
         if is_s3(root):
-            from lever.pipeline.backends import open_store
+            from lever.storage.backends import open_store
 
             store = open_store(root)
             if store.manifest(ref.key) is not None:
@@ -261,7 +261,7 @@ def pull(ref: ModelRef, dest: str, *, source: Optional[str] = None, force: bool 
     cache).  A hub id lands under ``<org>--<name>/<revision>``, where the stages look; a
     local-directory name lands under its directory name and ``revision`` (or ``local``).
     Already-committed intact snapshots are skipped unless ``force``."""
-    from lever.pipeline.backends import open_store
+    from lever.storage.backends import open_store
 
     store = open_store(dest)
     if is_hub_id(ref.name):

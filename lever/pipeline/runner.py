@@ -25,12 +25,12 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from lever.config.schema import PlanConfig
 from lever.errors import StageError
-from lever.pipeline.backends import open_store
+from lever.storage.backends import open_store
 from lever.context import StageContext, UpstreamOutput, _NullTelemetry
 from lever.context import Unit
 from lever.pipeline.graph import STAGES, Stage
 from lever.pipeline.hashing import PlanKeys, artifact_key, full_config_hash, plan_keys
-from lever.pipeline.lease import (
+from lever.storage.lease import (
     HeldLease,
     LeaseLost,
     LeaseSettings,
@@ -39,7 +39,7 @@ from lever.pipeline.lease import (
     acquire_unit,
     owner_info,
 )
-from lever.pipeline.store import CorruptArtifact, Staging, StagingBusy, Store
+from lever.storage.store import CorruptArtifact, Staging, StagingBusy, Store
 
 log = logging.getLogger("lever.runner")
 

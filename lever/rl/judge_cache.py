@@ -30,7 +30,7 @@ PREFIX = "judged"
 
 
 class JsonBackend(Protocol):
-    """What the cache needs from a store (``lever.pipeline.store.Store`` has both)."""
+    """What the cache needs from a store (``lever.storage.store.Store`` has both)."""
 
     def get_json(self, key: str) -> Optional[Any]: ...
 

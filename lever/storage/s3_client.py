@@ -2,7 +2,7 @@
 
 Kept apart from ``s3.py`` so the lease backend (which the store opens) and the store both use
 one client policy without importing each other.  Configuration comes from the environment only
-(see ``lever.pipeline.s3``).
+(see ``lever.storage.s3``).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from lever.pipeline.lease import LeaseError
-from lever.pipeline.store import StoreError
+from lever.storage.lease import LeaseError
+from lever.storage.store import StoreError
 
 #: S3 error codes worth another try: throttling, server-side and timeout errors
 _RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",

@@ -19,12 +19,12 @@ import time
 import uuid
 from typing import Any, Callable, Optional, Protocol
 
-from lever.pipeline.lease import LeaseBackend, LeaseError, LeaseRecord, LeaseSettings
-from lever.pipeline.s3_client import conflict, is_not_found, make_client, unsupported
+from lever.storage.lease import LeaseBackend, LeaseError, LeaseRecord, LeaseSettings
+from lever.storage.s3_client import conflict, is_not_found, make_client, unsupported
 
 
 class LeaseBucket(Protocol):
-    """What the leases use of the S3 store that opens them (``lever.pipeline.s3.S3Store``):
+    """What the leases use of the S3 store that opens them (``lever.storage.s3.S3Store``):
     declared here so the two modules do not import each other."""
 
     bucket: str

@@ -262,13 +262,13 @@ class Store(ABC):
         return 0
 
     def spec(self) -> dict:
-        """How a worker process reopens this store (see ``lever.pipeline.backends.open_store``)."""
+        """How a worker process reopens this store (see ``lever.storage.backends.open_store``)."""
         return {"url": self.url}
 
     def leases(self) -> Any:
-        """The :class:`lever.pipeline.lease.LeaseBackend` of this store (``LEVER_LEASES=off``: none)."""
+        """The :class:`lever.storage.lease.LeaseBackend` of this store (``LEVER_LEASES=off``: none)."""
         if self._leases is None:
-            from lever.pipeline.lease import LeaseSettings, NoLeases
+            from lever.storage.lease import LeaseSettings, NoLeases
 
             self._leases = self._lease_backend() if LeaseSettings.from_env().enabled else NoLeases()
         return self._leases
@@ -397,7 +397,7 @@ class LocalStore(Store):
         return p / rel if rel else p
 
     def _lease_backend(self) -> Any:
-        from lever.pipeline.lease import FileLeases
+        from lever.storage.lease import FileLeases
 
         return FileLeases(self.root)
 

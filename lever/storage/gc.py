@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from lever.errors import StageError
-from lever.pipeline.lease import LeaseRecord, owner_info
-from lever.pipeline.store import Leftover, StagingBusy, Store
+from lever.storage.lease import LeaseRecord, owner_info
+from lever.storage.store import Leftover, StagingBusy, Store
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from lever.pipeline.s3 import S3Store
-from lever.pipeline.store import LocalStore, Store
+from lever.storage.s3 import S3Store
+from lever.storage.store import LocalStore, Store
 
 DEFAULT_STORE = "./lever-store"
 

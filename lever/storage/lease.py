@@ -12,7 +12,7 @@ Two backends, one protocol (:class:`LeaseBackend`):
 * :class:`FileLeases` (local store): an OS ``flock`` on ``.leases/{key}.lock`` beside an info file
   naming the holder.  The kernel releases the lock when its holder dies, so a killed holder's
   unit is free at once; the heartbeat only refreshes the info ``lever store locks`` shows.
-* ``S3Leases`` (``lever.pipeline.s3_leases``): an object ``.leases/{key}.json`` created with
+* ``S3Leases`` (``lever.storage.s3_leases``): an object ``.leases/{key}.json`` created with
   ``If-None-Match: *``, renewed by the holder's heartbeat with ``If-Match: <its ETag>`` and
   released with a conditional delete.  Every transition is a compare-and-swap on the ETag, so
   two runners can never both believe they took the same lease.  A holder that stops renewing

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from lever.pipeline.lease import LeaseError, LeaseSettings
-from lever.pipeline.s3_client import (
+from lever.storage.lease import LeaseError, LeaseSettings
+from lever.storage.s3_client import (
     Retryable,
     conflict,
     is_not_found,
@@ -35,7 +35,7 @@ from lever.pipeline.s3_client import (
     retryable,
     unsupported,
 )
-from lever.pipeline.store import (
+from lever.storage.store import (
     MANIFEST,
     CorruptArtifact,
     GuardFn,
@@ -428,7 +428,7 @@ class S3Store(Store):
         return {"url": self.url, "cache_dir": str(self.cache.parents[2])}
 
     def _lease_backend(self) -> Any:
-        from lever.pipeline.s3_leases import S3Leases
+        from lever.storage.s3_leases import S3Leases
 
         return S3Leases(self)
 
