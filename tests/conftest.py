@@ -28,3 +28,13 @@ def shared():
             pytest.fail(reason + " (CI is set: the official schemas must be validated)")
         pytest.skip(reason)
     return found
+
+
+@pytest.fixture()
+def fake_log(tmp_path, monkeypatch):
+    """Where the fake stage functions (tests/test_runner_fakes.py) log each call, one line per
+    stage entry, so a test can count what was built."""
+    path = tmp_path / "calls.log"
+    monkeypatch.setenv("LEVER_FAKE_LOG", str(path))
+    monkeypatch.delenv("LEVER_FAKE_FAIL", raising=False)
+    return path

@@ -32,14 +32,6 @@ sweeps:
     return p
 
 
-@pytest.fixture()
-def fake_log(tmp_path, monkeypatch):
-    path = tmp_path / "calls.log"
-    monkeypatch.setenv("LEVER_FAKE_LOG", str(path))
-    monkeypatch.delenv("LEVER_FAKE_FAIL", raising=False)
-    return path
-
-
 def test_campaign_shares_units_reruns_cached_and_grows_by_one_member(tmp_path, fake_log):
     store = LocalStore(tmp_path / "store")
     camp, runs = load_and_resolve(_campaign(tmp_path, "[1.0e-6, 5.0e-6]"), "tiny")

@@ -17,14 +17,6 @@ from test_runner_fakes import fake_stages, read_log
 SMALL = ["infer.num_samples=20", "infer.shards=2", "infer.shots=[1,2]", "report.bootstrap_samples=200"]
 
 
-@pytest.fixture()
-def fake_log(tmp_path, monkeypatch):
-    path = tmp_path / "calls.log"
-    monkeypatch.setenv("LEVER_FAKE_LOG", str(path))
-    monkeypatch.delenv("LEVER_FAKE_FAIL", raising=False)
-    return path
-
-
 def _plans(name: str, extra: list[str] = ()):
     plan = load_plan(name, "tiny", SMALL + list(extra))
     return plan, load_baseline(plan, "tiny", SMALL + list(extra))

@@ -145,20 +145,10 @@ def _leaderboard_template(platform: PlatformConfig, campaign_yaml: str, name: st
             "--run-id", RUN_ID_EXPR]
     if fail_on_regression:
         args.append("--fail-on-regression")
-    return Container(
-        name=name,
-        image=_wf("slim-image"),
-        image_pull_policy="IfNotPresent",
-        command=["lever"],
-        args=args,
+    return pods.lever_cpu_container(
+        platform, name=name, image=_wf("slim-image"), args=args, pushgateway=_wf("pushgateway"), size="cpu",
+        verdict_step=fail_on_regression,
         inputs=[Artifact(name="campaign", path=CAMPAIGN_PATH, raw=RawArtifact(data=campaign_yaml))],
-        env=pods.env(platform, _wf("pushgateway")),
-        volumes=pods.volumes(platform, gpu=False),
-        resources=pods.resources(platform, "cpu"),
-        security_context=pods.container_security_context(),
-        pod_security_context=pods.pod_security_context(platform),
-        service_account_name=platform.service_account,
-        retry_strategy=pods.retry_strategy(platform, verdict_step=fail_on_regression),
         labels={**PART_OF, pods.STAGE_LABEL: "leaderboard", pods.ROLE_LABEL: name},
     )
 

@@ -44,21 +44,11 @@ def _regress_template(platform: PlatformConfig) -> Container:
         "--pushgateway", "{{inputs.parameters.pushgateway}}",
         OVERRIDES_FLAG, "{{inputs.parameters.overrides}}",
     ]
-    return Container(
-        name="regress",
-        image="{{inputs.parameters.slim-image}}",
-        image_pull_policy="IfNotPresent",
-        command=["lever"],
-        args=args,
+    return pods.lever_cpu_container(
+        platform, name="regress", image="{{inputs.parameters.slim-image}}", args=args,
+        pushgateway="{{inputs.parameters.pushgateway}}", size="small", verdict_step=True,
         inputs=[Parameter(name=n) for n in ("plan", "baseline", "margin", "profile", "store", "run-id",
                                               "pushgateway", "slim-image", "overrides")],
-        env=pods.env(platform, "{{inputs.parameters.pushgateway}}"),
-        volumes=pods.volumes(platform, gpu=False),
-        resources=pods.resources(platform, "small"),
-        security_context=pods.container_security_context(),
-        pod_security_context=pods.pod_security_context(platform),
-        service_account_name=platform.service_account,
-        retry_strategy=pods.retry_strategy(platform, verdict_step=True),
         labels={**PART_OF, pods.PLAN_LABEL: "{{inputs.parameters.plan}}", pods.RUN_ID_LABEL: "{{inputs.parameters.run-id}}",
                 pods.STAGE_LABEL: "regress", pods.ROLE_LABEL: "regress"},
     )

@@ -8,7 +8,7 @@ template, not the WorkflowTemplate's spec-level volumes or security settings.
 
 from __future__ import annotations
 
-from hera.workflows import EmptyDirVolume, Env, ExistingVolume, Resources, RetryStrategy, SecretEnv
+from hera.workflows import Container, EmptyDirVolume, Env, ExistingVolume, Resources, RetryStrategy, SecretEnv
 from hera.workflows.models import (
     Backoff,
     Capabilities,
@@ -172,3 +172,26 @@ def tolerations(platform: PlatformConfig) -> list[Toleration] | None:
     if not platform.tolerations:
         return None
     return [Toleration(**t) for t in platform.tolerations]
+
+
+def lever_cpu_container(platform: PlatformConfig, *, name: str, image: str, args: list[str], pushgateway: str,
+                        size: str, labels: dict[str, str], verdict_step: bool, **extra) -> Container:
+    """A CPU pod running one ``lever`` command with the platform's pod policy (env, volumes,
+    security contexts, service account, retries): the nightly regress step and a campaign's
+    leaderboard step differ only in their command, inputs and labels."""
+    return Container(
+        name=name,
+        image=image,
+        image_pull_policy="IfNotPresent",
+        command=["lever"],
+        args=args,
+        env=env(platform, pushgateway),
+        volumes=volumes(platform, gpu=False),
+        resources=resources(platform, size),
+        security_context=container_security_context(),
+        pod_security_context=pod_security_context(platform),
+        service_account_name=platform.service_account,
+        retry_strategy=retry_strategy(platform, verdict_step=verdict_step),
+        labels=labels,
+        **extra,
+    )
