@@ -210,18 +210,13 @@ def build_campaign_cron(camp: Campaign, runs: list, platform: PlatformConfig, pr
     """The nightly CronWorkflow running a campaign instead of plan vs baseline: same DAG, and the
     leaderboard step fails the run when a member is significantly worse than the baseline
     (Holm-adjusted, beyond ``leaderboard.margin``)."""
-    from lever.platform.cron import CRON_NAME, STARTING_DEADLINE_SECONDS
+    from lever.platform.cron import CRON_NAME, nightly_schedule
 
     tasks, params, templates = _parts(camp, runs, platform, profile, fail_on_regression=True)
     cron = CronWorkflow(
         name=CRON_NAME,
         labels={**PART_OF, "lever.dev/campaign": camp.name},
-        schedules=[platform.nightly_schedule],
-        timezone=platform.nightly_timezone,
-        concurrency_policy="Forbid",
-        starting_deadline_seconds=STARTING_DEADLINE_SECONDS,
-        successful_jobs_history_limit=7,
-        failed_jobs_history_limit=14,
+        **nightly_schedule(platform),
         entrypoint=ENTRY,
         on_exit="exit-handler",
         arguments=params,

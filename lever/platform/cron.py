@@ -54,6 +54,15 @@ def _regress_template(platform: PlatformConfig) -> Container:
     )
 
 
+def nightly_schedule(platform: PlatformConfig) -> dict:
+    """When and how the nightly runs, shared by the plan-vs-baseline cron and a campaign's: never two
+    at once (``Forbid``), a missed start dropped after the deadline, a week of successes and two of
+    failures kept for inspection."""
+    return dict(schedules=[platform.nightly_schedule], timezone=platform.nightly_timezone,
+                concurrency_policy="Forbid", starting_deadline_seconds=STARTING_DEADLINE_SECONDS,
+                successful_jobs_history_limit=7, failed_jobs_history_limit=14)
+
+
 def _pipeline_args(plan_expr: str, role: str = "plan") -> dict[str, str]:
     args = {n: "{{workflow.parameters.%s}}" % n for n in PARAM_NAMES if n != "run-id"}
     args["plan"] = plan_expr
@@ -74,12 +83,7 @@ def build_nightly_cron(platform: PlatformConfig, plan: str, baseline: str, margi
     cron = CronWorkflow(
         name=CRON_NAME,
         labels=dict(PART_OF),
-        schedules=[platform.nightly_schedule],
-        timezone=platform.nightly_timezone,
-        concurrency_policy="Forbid",
-        starting_deadline_seconds=STARTING_DEADLINE_SECONDS,
-        successful_jobs_history_limit=7,
-        failed_jobs_history_limit=14,
+        **nightly_schedule(platform),
         entrypoint="nightly",
         on_exit="nightly-exit",
         arguments=params,
