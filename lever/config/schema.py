@@ -515,7 +515,7 @@ class CheckpointConfig(Section):
     )
     # GRPO epochs evaluated beside the chosen checkpoint (inference variants ``epoch{N}``, report
     # rows ``epoch{N}``); epochs past the plan's GRPO epoch count are not evaluated (see
-    # lever.pipeline.graph.evaluated_epochs)
+    # lever.inference.variants.evaluated_epochs)
     evaluate_epochs: list[int] = Field(
         [], description="GRPO epochs evaluated beside the chosen checkpoint (inference variants and report rows "
         "epoch{N}); epochs past those trained are skipped"
