@@ -1,6 +1,8 @@
-"""Which inference variants and GRPO epoch checkpoints a plan evaluates: one home for the rule
-the pipeline graph (which units exist), the inference stage (what a variant loads) and the report
-(which rows to expect) all follow."""
+"""Which GRPO epochs a plan trains and which inference variants and epoch checkpoints it evaluates:
+one home for the rule the training stage (how many epochs), the pipeline graph (which units exist),
+the inference stage (what a variant loads) and the report (which rows to expect) all follow.  It
+reads the plan's config only, so importing it (and with it the graph) stays cheap.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +10,19 @@ import re
 from typing import Optional
 
 from lever.config.schema import PlanConfig
-from lever.rl.curriculum import grpo_epochs_trained
 
 EPOCH_VARIANT = re.compile(r"^epoch([1-9][0-9]*)$")
+
+
+def grpo_epochs_trained(plan: PlanConfig) -> int:
+    """How many GRPO epochs ``train-grpo`` runs for this plan: none when ``grpo.epochs`` is 0, the
+    two curriculum phases when the curriculum is on, else ``grpo.epochs``.  The training stage, the
+    graph's epoch units and the report all ask this one function."""
+    g = plan.grpo
+    if g.epochs == 0:
+        return 0
+    cur = g.curriculum
+    return cur.phase1_epochs + cur.phase2_epochs if cur.enabled else g.epochs
 
 
 def evaluated_epochs(plan: PlanConfig) -> list[int]:

@@ -20,8 +20,7 @@ from lever.config.schema import PlanConfig
 from lever.errors import StageError
 from lever.context import UpstreamOutput
 from lever.versioning import upgrade
-from lever.inference.variants import evaluated_epochs, reference_variants
-from lever.rl.curriculum import grpo_epochs_trained
+from lever.inference.variants import evaluated_epochs, grpo_epochs_trained, reference_variants
 from lever.report.bootstrap import paired_bootstrap
 from lever.report.predictions import Cell, collect
 from lever.report.regression import report_section

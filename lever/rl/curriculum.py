@@ -12,7 +12,7 @@ from collections import Counter
 
 import torch
 
-from lever.config.schema import CurriculumConfig, PlanConfig
+from lever.config.schema import CurriculumConfig
 from lever.rl.groups import GroupData
 
 BUCKETS: tuple[str, ...] = ("high", "medium", "low")
@@ -49,14 +49,3 @@ def phase1_indices(data: GroupData, cfg: CurriculumConfig) -> torch.Tensor:
 def positive_indices(data: GroupData) -> torch.Tensor:
     """Queries whose group holds at least one correct candidate (``grpo.require_positive``)."""
     return (data.correct & data.group_mask).any(-1).nonzero(as_tuple=True)[0]
-
-
-def grpo_epochs_trained(plan: PlanConfig) -> int:
-    """How many GRPO epochs ``train-grpo`` runs for this plan: none when ``grpo.epochs`` is 0, the
-    two curriculum phases when the curriculum is on, else ``grpo.epochs``.  The training stage, the
-    graph's epoch units and the report all ask this one function."""
-    g = plan.grpo
-    if g.epochs == 0:
-        return 0
-    cur = g.curriculum
-    return cur.phase1_epochs + cur.phase2_epochs if cur.enabled else g.epochs

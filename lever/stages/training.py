@@ -17,7 +17,8 @@ import torch
 from lever.io import atomic_write_bytes
 from lever.errors import StageError
 from lever.context import StageContext
-from lever.rl.curriculum import bucket_counts, grpo_epochs_trained, phase1_indices, positive_indices, quality_buckets
+from lever.inference.variants import grpo_epochs_trained
+from lever.rl.curriculum import bucket_counts, phase1_indices, positive_indices, quality_buckets
 from lever.rl.data import read_rl_data, rl_data_stats
 from lever.rl.groups import GroupData, build_groups
 from lever.rl.grpo import frozen_copy, run_grpo
