@@ -14,6 +14,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
+from lever.config.paths import check_config_path
 from lever.config.schema import PlanConfig
 from lever.context import Unit
 from lever.inference.variants import epoch_of_variant, infer_variants
@@ -54,6 +55,14 @@ class Stage:
     plan_extra: Optional[Callable[[PlanConfig], tuple[tuple[str, ...], tuple[str, ...]]]] = field(
         default=None, compare=False)
 
+    def __post_init__(self) -> None:
+        # the declared config fields are the stage's key material: each must be a schema path
+        for f in self.config_fields:
+            try:
+                check_config_path(f)
+            except ValueError as exc:
+                raise ValueError(f"stage {self.name!r}: {exc}") from None
+
     def load(self) -> Callable[..., None]:
         module, _, attr = self.func.partition(":")
         return getattr(importlib.import_module(module), attr)
@@ -82,7 +91,10 @@ class Stage:
         """The config fields in the key of this stage's units for ``plan``."""
         if self.plan_extra is None:
             return self.config_fields
-        return self.config_fields + tuple(f for f in self.plan_extra(plan)[1] if f not in self.config_fields)
+        extra = tuple(f for f in self.plan_extra(plan)[1] if f not in self.config_fields)
+        for f in extra:
+            check_config_path(f)
+        return self.config_fields + extra
 
     def may_read(self) -> tuple[str, ...]:
         """Every upstream stage some plan makes this stage read (Argo dependencies, closures)."""
