@@ -1,10 +1,9 @@
 """Dotted paths into the plan schema (``"infer.split"``, ``"lvlm"``), checked against it.
 
 Why: a stage's key is made of the config fields it declares (``Stage.config_fields``).  A path
-the schema does not have would only fail when a key is computed, as a bare KeyError, and a path
-left behind by a renamed field would silently drop that field from every key; checking each
-declared path when the stage is defined turns both into an error at import that names the path
-and the fields that do exist.
+the schema does not have (a typo, a field renamed since) would only fail when a key is first
+computed, as a bare KeyError deep in the hashing; checking each declared path when the stage is
+defined turns it into an error at import that names the path and the fields that do exist.
 """
 
 from __future__ import annotations
