@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from lever.config.schema import PlanConfig
+from lever.context import StageContext, Unit, UpstreamOutput, _NullTelemetry
 from lever.errors import StageError
-from lever.storage.backends import open_store
-from lever.context import StageContext, UpstreamOutput, _NullTelemetry
-from lever.context import Unit
 from lever.pipeline.graph import STAGES, Stage
 from lever.pipeline.hashing import PlanKeys, artifact_key, full_config_hash, plan_keys
+from lever.storage.backends import open_store
 from lever.storage.lease import (
     HeldLease,
     LeaseLost,
@@ -240,15 +239,15 @@ class Pipeline:
         the cache check made right after acquiring), read inputs, run, commit."""
         stage_name = st.name
         status = "built"
-        if problems is not None and not force:
-            if not problems:
-                return UnitResult(stage_name, unit.id, key, "cached", location=self.store.location(key), plan=self.plan.name)
+        # acquire_unit hands out the lease only when the unit is not (validly) committed or the
+        # build is forced, so an artifact here is either forcibly replaced or failed verification
+        if problems is not None and force:
+            self.store.quarantine(key, "forced rebuild")
+            status = "rebuilt"
+        elif problems is not None:
             where = self.store.quarantine(key, "; ".join(problems))
             log.error("artifact %s (%s/%s) failed verification: %s; moved to %s, rebuilding",
                       key, stage_name, unit.id, "; ".join(problems), where)
-            status = "rebuilt"
-        elif problems is not None and force:
-            self.store.quarantine(key, "forced rebuild")
             status = "rebuilt"
         missing: list[str] = []
         inputs = self._materialize(self.keys, st.inputs_for(unit, self.plan), False, "", missing)
