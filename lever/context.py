@@ -54,18 +54,18 @@ class Unit:
     @property
     def variant(self) -> str:
         """An inference unit's variant (selector, epoch{N}, random, retrieval, oracle)."""
-        v = self.get("variant")
-        if v is None:
-            raise KeyError(f"unit {self.stage}/{self.id} has no variant")
-        return str(v)
+        return str(self._required("variant"))
 
     @property
     def shot(self) -> int:
         """An inference unit's number of ICDs."""
-        v = self.get("shot")
-        if v is None:
-            raise KeyError(f"unit {self.stage}/{self.id} has no shot")
-        return int(v)
+        return int(self._required("shot"))
+
+    def _required(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(f"unit {self.stage}/{self.id} has no {key}")
+        return value
 
 
 @dataclass
