@@ -21,17 +21,27 @@ from lever.report.predictions import collect
 MISSING = "—"
 
 
-def _cell_table(store: Store, plan: PlanConfig, stages: Sequence[Stage], variants: Sequence[str]) -> dict[str, dict[int, Any]]:
+def infer_units(plan: PlanConfig, stages: Sequence[Stage], variants: Sequence[str]) -> list[tuple[Any, str]]:
+    """(unit, store key) of the plan's ``infer`` units of these variants, keys from its config."""
     keys = plan_keys(plan, stages)
-    units = []
-    for u, h in keys.units["infer"]:
-        if u.get("variant") not in variants:
-            continue
+    return [(u, f"infer/{h}") for u, h in keys.units["infer"] if u.get("variant") in variants]
+
+
+def open_infer_units(store: Store, units: Sequence[tuple[Any, str]]) -> tuple[list[tuple[Any, Any]], list[Any]]:
+    """The committed ones of ``units`` opened as (unit, local dir), and the units that are not
+    there (or failed verification): a reader shows those as missing, never as 0."""
+    opened, missing = [], []
+    for u, key in units:
         try:
-            units.append((u, store.open(f"infer/{h}")))
+            opened.append((u, store.open(key)))
         except (KeyError, CorruptArtifact):
-            continue
-    cells = collect(units)
+            missing.append(u)
+    return opened, missing
+
+
+def _cell_table(store: Store, plan: PlanConfig, stages: Sequence[Stage], variants: Sequence[str]) -> dict[str, dict[int, Any]]:
+    opened, _ = open_infer_units(store, infer_units(plan, stages, variants))
+    cells = collect(opened)
     out: dict[str, dict[int, Any]] = {}
     for v in variants:
         out[v] = {}

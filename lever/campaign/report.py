@@ -15,13 +15,13 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from lever.campaign.compare import infer_units, open_infer_units
 from lever.campaign.leaderboard import METHOD, MemberData, build_leaderboard
 from lever.campaign.loader import Campaign
 from lever.config.schema import PlanConfig
 from lever.io import atomic_write_bytes
 from lever.pipeline.graph import STAGES, Stage
-from lever.pipeline.hashing import plan_keys
-from lever.storage.store import CorruptArtifact, Store
+from lever.storage.store import Store
 from lever.report.predictions import collect
 
 SCHEMA = 1
@@ -29,20 +29,15 @@ STAGE = "campaign"  # store keys campaign/<hash>
 
 
 def _selector_units(plan: PlanConfig, stages: Sequence[Stage]) -> list[tuple[Any, str]]:
-    keys = plan_keys(plan, stages)
-    return [(u, f"infer/{h}") for u, h in keys.units["infer"] if u.get("variant") == "selector"]
+    return infer_units(plan, stages, ["selector"])
 
 
 def _arm(store: Store, plan: PlanConfig, stages: Sequence[Stage], shots: Sequence[int],
          label: str, missing: list[str]) -> Optional[dict[int, dict[int, float]]]:
     """shot -> question_id -> accuracy of the plan's chosen selector, or None (reason in ``missing``)."""
-    opened = []
-    for u, key in _selector_units(plan, stages):
-        try:
-            opened.append((u, store.open(key)))
-        except (KeyError, CorruptArtifact):
-            missing.append(f"{label}: infer {u.id}")
-    if len(opened) != len(_selector_units(plan, stages)):
+    opened, absent = open_infer_units(store, _selector_units(plan, stages))
+    missing.extend(f"{label}: infer {u.id}" for u in absent)
+    if absent:
         return None
     cells = collect(opened)
     out = {}
